@@ -1,0 +1,1 @@
+"""nn.Modules: feature maps, hybrid attention, HyperAttention, model surgery, attention transfer, LoRA."""

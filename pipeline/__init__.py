@@ -1,0 +1,1 @@
+"""linearize pipeline: stages, planner, cache, run directory, data, evaluation, export, CLI."""

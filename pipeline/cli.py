@@ -1,0 +1,54 @@
+"""The `linearize` command line. Each command lives in its own module with `add_arguments(parser)` and
+`main(args) -> int`; modules are imported only when their command runs, so `linearize --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help). The order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "assets": ("pipeline.assets", "download and convert the real model and data (SmolLM2-135M, ShareGPT, Brown)"),
+    "convert": ("pipeline.convert", "convert a model (untrained feature maps) and compare it with the teacher and "
+                                    "the sliding-window + sinks baseline: per-layer MSE and perplexity"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linearize",
+        description="Turn a pretrained Transformer LLM into a sub-quadratic model (LoLCATs hybrid attention, "
+                    "HyperAttention), on a laptop or a Ray cluster.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"linearize: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    # Environment the libraries read at import time: CPU DeepSpeed, loopback Ray, no model hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    module = importlib.import_module(module_name)
+    command_parser = argparse.ArgumentParser(prog=f"linearize {name}", description=help_text)
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

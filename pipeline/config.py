@@ -1,0 +1,511 @@
+"""Typed configuration: YAML presets in configs/ loaded into dataclasses, validated before any model loads.
+
+A run config composes four parts, each either a preset name (a file in configs/<kind>/NAME.yaml) or an inline
+mapping, plus fields that override the preset:
+
+    model: smollm2-135m            # configs/models/smollm2-135m.yaml
+    recipe: lolcats                # configs/recipes/lolcats.yaml: attention, data, transfer, finetune
+    cluster: local                 # configs/clusters/local.yaml
+    transfer: {train_tokens: 2M}   # overrides on top of the recipe
+
+Every error names the key (as a dotted path), the value, and what to write instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import struct
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+WINDOW_KINDS = ("sliding", "terrace")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names key, value and fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML: duplicate keys are errors, and 1e-2 is a float (plain PyYAML reads it as a string).
+
+
+class _StrictLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                f"(first at line {seen[key] + 1}) in {node.start_mark.name}: keep one of them"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(path: str | Path) -> dict:
+    text = Path(path).read_text()
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Human-friendly quantities: "20M" tokens, "80GB" of memory.
+
+_COUNT_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+_BYTES_SUFFIX = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_count(value: Any, key: str = "value") -> int:
+    """'20M' -> 20_000_000; ints pass through. Used for token budgets."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a count like 2000000 or '2M', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", str(value), flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{key}: expected a count like 2000000 or '2M', got {value!r}")
+    return int(round(float(m.group(1)) * _COUNT_SUFFIX[m.group(2).upper()]))
+
+
+def parse_bytes(value: Any, key: str = "value") -> int:
+    """'80GB' -> 80e9 bytes, '64GiB' -> 64*2**30; a bare number is gigabytes (10**9)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value * 10**9)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGTP]?I?B)\s*", str(value), flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{key}: expected a size like '80GB' or '64GiB', got {value!r}")
+    return int(round(float(m.group(1)) * _BYTES_SUFFIX[m.group(2).upper()]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The config classes. Field docstrings are the documentation of the YAML keys.
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which pretrained model to convert, and its shapes (the published config.json fields)."""
+
+    name: str
+    architecture: str = "LlamaForCausalLM"
+    weights: str = "random"
+    """'smollm2' (the real SmolLM2-135M-Instruct, installed by `linearize assets`), 'random' (deterministic
+    random weights from `seed`, so every stage runs at a published shape without downloading it), or a path to a
+    Hugging Face model directory."""
+    seed: int = 0
+    hf_config: dict = field(default_factory=dict)
+    """config.json fields: hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, ..."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"model.architecture: {self.architecture!r} is not supported; use one of {list(SUPPORTED_ARCHITECTURES)}"
+            )
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [k for k in required if k not in self.hf_config]
+        if missing:
+            raise ConfigError(f"model.hf_config: missing {missing}; copy them from the model's config.json")
+        for key in required:
+            value = self.hf_config[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.hf_config.{key}: must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads and "head_dim" not in self.hf_config:
+            raise ConfigError(
+                f"model.hf_config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_heads}; set head_dim explicitly"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.hf_config.num_key_value_heads: {self.num_kv_heads} must divide "
+                f"num_attention_heads {self.num_heads}"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config["num_hidden_layers"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config["hidden_size"]
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config["num_attention_heads"]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.hf_config.get("num_key_value_heads", self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hf_config.get("head_dim") or self.hidden_size // self.num_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.hf_config["intermediate_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config["vocab_size"]
+
+    @property
+    def params_per_layer(self) -> int:
+        """Weights of one decoder layer: q,k,v,o + gated MLP (3 matrices) + two norms."""
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2
+        if self.hf_config.get("attention_bias") or self.architecture == "Qwen2ForCausalLM":
+            attn += self.num_heads * hd + 2 * self.num_kv_heads * hd
+        return attn + 3 * d * self.intermediate_size + 2 * d
+
+
+@dataclass(kw_only=True)
+class AttentionConfig:
+    """The hybrid attention that replaces softmax attention (DESIGN.md, 'The hybrid attention, exactly')."""
+
+    window_size: int = 64
+    window_kind: str = "terrace"
+    """'terrace' (previous 64-block + causal part of the current one; the paper's main results) or 'sliding'."""
+    feature_dim: int = 64
+    """f: W is head_dim x f per head, so the Hedgehog map has 2f features."""
+    gamma_init: float = 0.1
+    layers: list[int] | None = None
+    """Layer indices to convert (negative counts from the end); null = all layers."""
+    init_from: str | None = None
+    """Optional checkpoint of trained feature maps (safetensors); its feature dim must match feature_dim."""
+
+    def __post_init__(self) -> None:
+        if self.window_size <= 0:
+            raise ConfigError(f"attention.window_size: must be a positive number of tokens, got {self.window_size}; "
+                              "the paper uses 64")
+        if self.window_kind not in WINDOW_KINDS:
+            raise ConfigError(f"attention.window_kind: {self.window_kind!r} is not one of {list(WINDOW_KINDS)}")
+        if self.feature_dim <= 0:
+            raise ConfigError(f"attention.feature_dim: must be positive, got {self.feature_dim}; the paper uses 64")
+        if not 0.0 < self.gamma_init < 1.0:
+            raise ConfigError(f"attention.gamma_init: must lie strictly between 0 and 1 (it is a sigmoid), "
+                              f"got {self.gamma_init}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training text (ShareGPT, packed) and held-out text (Brown corpus)."""
+
+    train_source: str = "sharegpt"
+    seq_len: int = 1024
+    validation_sequences: int = 8
+    eval_seq_len: int = 1024
+    eval_sequences: int = 8
+
+    def __post_init__(self) -> None:
+        if self.train_source != "sharegpt":
+            raise ConfigError(f"data.train_source: {self.train_source!r} is not available; use 'sharegpt'")
+        for key in ("seq_len", "validation_sequences", "eval_seq_len", "eval_sequences"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"data.{key}: must be positive, got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True)
+class TransferConfig:
+    """Stage 1: attention transfer of the feature maps and gamma, block by block."""
+
+    train_tokens: int = 2_000_000
+    layers_per_block: int | str = "auto"
+    """k; 'auto' lets the planner choose it."""
+    lr: float = 1e-2
+    micro_batch_size: int = 1
+    grad_accum: int = 8
+    grad_clip: float = 1.0
+    mse_scale: float = 1000.0
+    eval_every: int = 50
+    patience: int = 10
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"transfer.lr: must be positive, got {self.lr}; the paper uses 1e-2")
+        if isinstance(self.layers_per_block, str) and self.layers_per_block != "auto":
+            raise ConfigError(f"transfer.layers_per_block: {self.layers_per_block!r}; write a number of layers "
+                              "or 'auto'")
+        for key in ("micro_batch_size", "grad_accum", "eval_every", "checkpoint_every", "train_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"transfer.{key}: must be positive, got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """Stage 2: LoRA on q,k,v,o with DeepSpeed; feature maps and gamma frozen."""
+
+    train_tokens: int = 2_000_000
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lr: float = 1e-4
+    zero_stage: int = 2
+    micro_batch_size: int = 1
+    grad_accum: int = 8
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (2, 3):
+            raise ConfigError(f"finetune.zero_stage: {self.zero_stage} is not supported; use 2 or 3")
+        if self.lora_r <= 0:
+            raise ConfigError(f"finetune.lora_r: must be positive, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"finetune.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """Where the work runs: a local Ray instance or a Ray cluster address, and its limits for the planner."""
+
+    name: str = "local"
+    address: str = "local"
+    num_gpus: int = 0
+    gpu_memory: int = 80 * 10**9
+    host_memory: int = 24 * 10**9
+    disk: int = 50 * 10**9
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 0:
+            raise ConfigError(f"cluster.num_gpus: must be >= 0, got {self.num_gpus}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one conversion run needs; written resolved to RUN/run.yaml."""
+
+    model: ModelConfig
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = 0
+    run_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        num_layers = self.model.num_layers
+        k = self.transfer.layers_per_block
+        if isinstance(k, int) and not 1 <= k <= num_layers:
+            raise ConfigError(
+                f"transfer.layers_per_block: {k} is outside 1..{num_layers} (model {self.model.name} has "
+                f"{num_layers} layers); pick a value in that range or 'auto'"
+            )
+        if self.attention.layers is not None:
+            for idx in self.attention.layers:
+                if not -num_layers <= idx < num_layers:
+                    raise ConfigError(
+                        f"attention.layers: index {idx} does not exist in {self.model.name} "
+                        f"({num_layers} layers: 0..{num_layers - 1}, or negative from the end)"
+                    )
+        if self.attention.init_from:
+            check_feature_dim(self.attention.init_from, self.attention.feature_dim, self.model.head_dim)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields given as quantities are parsed before the type check.
+_COUNT_FIELDS = {("transfer", "train_tokens"), ("finetune", "train_tokens")}
+_BYTES_FIELDS = {("cluster", "gpu_memory"), ("cluster", "host_memory"), ("cluster", "disk")}
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return value if it matches the (string) annotation of a dataclass field; ints are accepted as floats."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+    if hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def build(cls: type, data: dict, section: str) -> Any:
+    """Build a config dataclass from a mapping, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{section}.{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {names}"
+            raise ConfigError(f"{dotted}: unknown key; {hint}")
+        if (section, key) in _COUNT_FIELDS:
+            value = parse_count(value, dotted)
+        elif (section, key) in _BYTES_FIELDS:
+            value = parse_bytes(value, dotted)
+        kwargs[key] = _check_type(value, hints[key], dotted)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise ConfigError(f"{section}: missing required key(s) {missing}")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and composition.
+
+
+def preset_names(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.yaml"))
+
+
+def _resolve_preset(kind: str, value: str) -> dict:
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return load_yaml(path)
+    candidate = CONFIGS_DIR / kind / f"{value}.yaml"
+    if not candidate.exists():
+        raise ConfigError(
+            f"{kind.rstrip('s')}: no preset named {value!r}; available: {preset_names(kind)} (or a path to a .yaml file)"
+        )
+    return load_yaml(candidate)
+
+
+def load_model_config(value: str | dict, overrides: dict | None = None) -> ModelConfig:
+    data = dict(_resolve_preset("models", value)) if isinstance(value, str) else dict(value)
+    if overrides:
+        data.update(overrides)
+    return build(ModelConfig, data, "model")
+
+
+def load_cluster_config(value: str | dict) -> ClusterConfig:
+    data = _resolve_preset("clusters", value) if isinstance(value, str) else value
+    return build(ClusterConfig, data, "cluster")
+
+
+_RECIPE_SECTIONS = {"attention": AttentionConfig, "data": DataConfig, "transfer": TransferConfig,
+                    "finetune": FinetuneConfig}
+_RUN_KEYS = ("model", "recipe", "cluster", "seed", "run_dir", *_RECIPE_SECTIONS)
+
+
+def resolve_run_config(data: dict) -> RunConfig:
+    """Compose a run config mapping (presets + overrides) into a validated RunConfig."""
+    for key in data:
+        if key not in _RUN_KEYS:
+            close = difflib.get_close_matches(str(key), _RUN_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {list(_RUN_KEYS)}"
+            raise ConfigError(f"{key}: unknown top-level key; {hint}")
+    if "model" not in data:
+        raise ConfigError(f"model: missing; name a preset from {preset_names('models')} or give a mapping")
+    model = load_model_config(data["model"])
+    recipe = _resolve_preset("recipes", data["recipe"]) if isinstance(data.get("recipe"), str) else dict(
+        data.get("recipe") or {})
+    for key in recipe:
+        if key not in _RECIPE_SECTIONS:
+            raise ConfigError(f"recipe.{key}: unknown section; valid: {list(_RECIPE_SECTIONS)}")
+    sections = {}
+    for name, cls in _RECIPE_SECTIONS.items():
+        merged = dict(recipe.get(name) or {})
+        override = data.get(name) or {}
+        if not isinstance(override, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {override!r}")
+        merged.update(override)
+        sections[name] = build(cls, merged, name)
+    cluster = load_cluster_config(data.get("cluster", "local"))
+    seed = _check_type(data.get("seed", 0), int, "seed")
+    run_dir = _check_type(data.get("run_dir"), str | None, "run_dir")
+    return RunConfig(model=model, cluster=cluster, seed=seed, run_dir=run_dir, **sections)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load a run config file (or a resolved RUN/run.yaml)."""
+    try:
+        return resolve_run_config(load_yaml(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def run_config_to_yaml(config: RunConfig) -> str:
+    """The resolved form written to RUN/run.yaml: inline mappings only, so it loads without presets."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def check_feature_dim(checkpoint: str, feature_dim: int, head_dim: int) -> None:
+    """Read only the safetensors header and check every feature-map matrix is (heads, head_dim, feature_dim)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConfigError(f"attention.init_from: {checkpoint!r} does not exist")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    for name, info in header.items():
+        if name.endswith("feature_map_q.weight") or name.endswith("feature_map_k.weight"):
+            shape = info["shape"]
+            if shape[-1] != feature_dim or shape[-2] != head_dim:
+                raise ConfigError(
+                    f"attention.feature_dim: {feature_dim} does not match the checkpoint {checkpoint} "
+                    f"({name} has shape {shape}, i.e. feature_dim {shape[-1]}); set attention.feature_dim: "
+                    f"{shape[-1]} or train a new checkpoint"
+                )

@@ -1,0 +1,152 @@
+"""Build teacher models from a ModelConfig: the real SmolLM2, a Hugging Face directory, or deterministic
+random weights at a published shape.
+
+Random weights are a pure function of (seed, tensor name): every tensor gets its own generator, so the
+k layers a block worker builds on its own are bit-identical to the same layers of the whole model, and
+no process ever needs the whole 70B/405B model to make its part of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from blocks.stack import LayerStack
+
+from .config import ModelConfig
+
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def hf_config(model_cfg: ModelConfig, **overrides):
+    """The transformers config object for this model (eager/SDPA attention, no hub access)."""
+    fields = dict(model_cfg.hf_config)
+    fields.update(overrides)
+    config = AutoConfig.for_model(_MODEL_TYPES[model_cfg.architecture], **fields)
+    config.architectures = [model_cfg.architecture]
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _modeling_classes(model_cfg: ModelConfig):
+    model_type = _MODEL_TYPES[model_cfg.architecture]
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = model_cfg.architecture.removesuffix("ForCausalLM")
+    return getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+@torch.no_grad()
+def random_init_(module: nn.Module, seed: int, prefix: str = "") -> None:
+    """Deterministic init by tensor name: norms = 1, biases = 0, every other weight ~ N(0, 0.02)."""
+    for name, param in module.named_parameters():
+        full = prefix + name
+        if "norm" in name:
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            gen = torch.Generator().manual_seed(_tensor_seed(seed, full))
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(param.dtype))
+
+
+def model_directory(model_cfg: ModelConfig) -> Path | None:
+    """Where real weights live (None for random weights)."""
+    if model_cfg.weights == "random":
+        return None
+    if model_cfg.weights == "smollm2":
+        from .assets import ensure_smollm2
+        return ensure_smollm2()
+    path = Path(model_cfg.weights)
+    if not (path / "config.json").exists():
+        raise ValueError(f"model.weights: {model_cfg.weights!r} is not 'smollm2', 'random' or a Hugging Face model "
+                         "directory with a config.json")
+    return path
+
+
+def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The whole teacher model (only for shapes that fit in memory)."""
+    directory = model_directory(model_cfg)
+    if directory is not None:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
+        return model.to(device).eval()
+    config = hf_config(model_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to_empty(device="cpu")
+    random_init_(model, model_cfg.seed)
+    model.model.rotary_emb = _rotary(model_cfg, config, "cpu")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _rotary(model_cfg: ModelConfig, config, device):
+    _, rotary_cls = _modeling_classes(model_cfg)
+    return rotary_cls(config=config, device=device)
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The model's tokenizer (real weights only; random-weight presets have none)."""
+    from transformers import AutoTokenizer
+    directory = model_directory(model_cfg)
+    if directory is None:
+        raise ValueError(f"model {model_cfg.name}: random weights have no tokenizer; use token ids directly")
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def load_layer_stack(model_cfg: ModelConfig, start: int, end: int, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu") -> LayerStack:
+    """Layers [start, end) only, with their own weights: read from the checkpoint's safetensors (only those
+    tensors) or generated from the seed. Never materialises the rest of the model."""
+    if not 0 <= start < end <= model_cfg.num_layers:
+        raise ValueError(f"layers [{start}, {end}) are outside 0..{model_cfg.num_layers} of {model_cfg.name}")
+    config = hf_config(model_cfg)
+    layer_cls, _ = _modeling_classes(model_cfg)
+    with torch.device("meta"):
+        layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(start, end))
+    layers = layers.to_empty(device="cpu")
+    directory = model_directory(model_cfg)
+    if directory is None:
+        for offset, layer in enumerate(layers):
+            random_init_(layer, model_cfg.seed, prefix=f"model.layers.{start + offset}.")
+    else:
+        _load_layer_weights(directory, layers, start)
+    layers = layers.to(device=device, dtype=dtype)
+    for layer in layers:
+        # Layers are built standalone, so give attention the implementation the whole model would use.
+        layer.self_attn.config._attn_implementation = "sdpa"
+    return LayerStack(layers, _rotary(model_cfg, config, device), start, config).eval()
+
+
+def _load_layer_weights(directory: Path, layers: nn.ModuleList, start: int) -> None:
+    from safetensors import safe_open
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no .safetensors files to read layer weights from")
+    wanted = {}
+    for offset, layer in enumerate(layers):
+        for name in layer.state_dict():
+            wanted[f"model.layers.{start + offset}.{name}"] = (layer, name)
+    found = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    layer, name = wanted[key]
+                    tensor = f.get_tensor(key)
+                    with torch.no_grad():
+                        layer.get_parameter(name).copy_(tensor) if name in dict(layer.named_parameters()) \
+                            else layer.get_buffer(name).copy_(tensor)
+                    found.add(key)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors for layers, e.g. {missing[:3]}")

@@ -1,0 +1,50 @@
+"""Test-wide settings. Environment first: Triton reads TRITON_INTERPRET when kernels are defined, Ray must bind
+to loopback, DeepSpeed must use the CPU accelerator, and nothing may reach a model hub."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only on a machine with CUDA (`pytest -m gpu` there)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run `pytest -m gpu` on the GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_llama_config(num_layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, architecture="llama"):
+    """A tiny random model config for CPU tests (same code path as the real models)."""
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(architecture, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=num_layers, num_attention_heads=heads,
+                                  num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=1024,
+                                  rope_theta=10000.0)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a Hugging Face directory (converted once into the asset cache)."""
+    from pipeline.assets import ensure_smollm2
+    return ensure_smollm2()
