@@ -34,10 +34,20 @@ from kernels.hybrid_attention import (
     recurrent_hybrid_step,
 )
 
+from kernels.hybrid_attention.torch_blocked import blocked_hybrid_attention
+
 from .feature_map import HedgehogFeatureMap
 
 MODES = ("student", "transfer", "teacher")
-IMPLEMENTATIONS = ("auto", "quadratic", "chunked", "triton")
+IMPLEMENTATIONS = ("auto", "quadratic", "chunked", "blocked", "triton")
+
+
+def _triton_available() -> bool:
+    try:
+        import kernels.hybrid_attention.triton_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -150,13 +160,13 @@ class HybridAttention(nn.Module):
         q_feat, k_feat = self.features(q, k)
         impl = self.implementation
         if impl == "auto":
-            # Chunked is O(T * w); the masked T x T reference only wins for short sequences.
-            impl = "quadratic" if q.shape[2] <= 4 * self.window_size else "chunked"
-        if impl == "triton":
-            from kernels.hybrid_attention import triton_hybrid_attention  # GPU fast path (kernels issue)
+            # Triton on GPU; elsewhere the chunk-vectorised torch path, O(T * w) instead of O(T^2).
+            impl = "triton" if q.is_cuda and _triton_available() else "blocked"
+        fn = {"quadratic": quadratic_hybrid_attention, "chunked": chunked_hybrid_attention,
+              "blocked": blocked_hybrid_attention}.get(impl)
+        if fn is None:
+            from kernels.hybrid_attention.triton_api import triton_hybrid_attention
             fn = triton_hybrid_attention
-        else:
-            fn = quadratic_hybrid_attention if impl == "quadratic" else chunked_hybrid_attention
         return fn(q, k, v, q_feat, k_feat, self.gamma, window_size=self.window_size, window_kind=self.window_kind)
 
     def _generate(self, q, k, v, cache: HybridCache) -> torch.Tensor:

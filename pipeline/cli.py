@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("pipeline.assets", "download and convert the real model and data (SmolLM2-135M, ShareGPT, Brown)"),
     "convert": ("pipeline.convert", "convert a model (untrained feature maps) and compare it with the teacher and "
                                     "the sliding-window + sinks baseline: per-layer MSE and perplexity"),
+    "hyper": ("pipeline.hyper", "patch HyperAttention into chosen layers (training-free) and measure perplexity "
+                                "versus the number of patched layers"),
 }
 
 

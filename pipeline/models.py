@@ -91,7 +91,8 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, devic
 
 def _rotary(model_cfg: ModelConfig, config, device):
     _, rotary_cls = _modeling_classes(model_cfg)
-    return rotary_cls(config=config, device=device)
+    # transformers 5.23 dropped the `device` argument that 5.17 (the GPU machine) still accepts.
+    return rotary_cls(config=config).to(device)
 
 
 def load_tokenizer(model_cfg: ModelConfig):

@@ -3,14 +3,16 @@ to loopback, DeepSpeed must use the CPU accelerator, and nothing may reach a mod
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Before any @triton.jit runs: the CPU has no Triton driver, so kernels run in the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
