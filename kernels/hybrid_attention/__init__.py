@@ -40,3 +40,11 @@ __all__ = [
     "window_masks",
     "window_start",
 ]
+
+
+def __getattr__(name):
+    # The Triton fast paths are imported on first use, so the references work where triton is absent.
+    if name in ("triton_hybrid_attention", "triton_hybrid_decode_step"):
+        from kernels.hybrid_attention import triton_api
+        return getattr(triton_api, name)
+    raise AttributeError(f"module 'kernels.hybrid_attention' has no attribute {name!r}")

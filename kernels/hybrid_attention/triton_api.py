@@ -1,0 +1,455 @@
+"""Host functions, autograd wrapper and public entry points of the Triton hybrid attention.
+
+Layers, as in flash-linear-attention: kernels (triton_chunk.py, triton_decode.py) → host functions
+(`hybrid_attention_fwd`, `hybrid_attention_bwd`, `hybrid_decode_step`: allocate, pick tile sizes,
+launch) → `HybridAttentionFunction` (autograd) → public functions `triton_hybrid_attention` and
+`triton_hybrid_decode_step` (documented shapes, input checks raising ValueError). The public
+functions have the signatures and semantics of naive.quadratic_hybrid_attention and
+naive.recurrent_hybrid_step, which stay the ground truth and the CPU path.
+
+They run on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (tests; slow, fp32 arithmetic).
+
+Shapes: B batch, Hq query heads, Hkv kv heads (GQA: query head h reads kv head h // (Hq // Hkv)),
+T tokens, D head dim, F feature dim, NT = ceil(T / chunk_size) tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.hybrid_attention.naive import (
+    HybridState,
+    check_hybrid_inputs,
+    check_state,
+    window_start,
+)
+from kernels.hybrid_attention.triton_chunk import (
+    INTERPRET,
+    NUM_STAGES,
+    NUM_WARPS,
+    _bwd_dkv_linear_kernel,
+    _bwd_dkv_window_kernel,
+    _bwd_dq_linear_kernel,
+    _bwd_dq_window_kernel,
+    _hybrid_fwd_kernel,
+    _state_bwd_kernel,
+    _state_fwd_kernel,
+    key_span,
+)
+from kernels.hybrid_attention.triton_decode import _hybrid_decode_kernel
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "HybridAttentionFunction",
+    "hybrid_attention_bwd",
+    "hybrid_attention_fwd",
+    "hybrid_decode_step",
+    "triton_hybrid_attention",
+    "triton_hybrid_decode_step",
+]
+
+DEFAULT_CHUNK_SIZE = 64
+MAX_HEAD_DIM = 256  # BD × BT register tiles; larger head dims need a D-split the kernels do not have
+MAX_FEATURE_DIM = 256
+MAX_KEY_SPAN = 32  # key tiles a query tile reads directly (unrolled in the kernels)
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch geometry
+# ----------------------------------------------------------------------------------------------
+
+
+def _block(n: int) -> int:
+    """Power-of-two block >= n and >= 16 (tl.dot needs 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, token) strides of a (B, H, T, X) tensor whose last dim is contiguous."""
+    assert t.stride(-1) == 1 or t.shape[-1] == 1, "callers make the last dim contiguous"
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t with a contiguous last dim and (B, H, T, X) token offsets that fit the kernels' int32 math."""
+    if t.stride(-1) != 1 or (t.dim() == 4 and (t.shape[2] + 128) * t.stride(2) >= 2**31):
+        t = t.contiguous()
+    if t.dim() == 4 and (t.shape[2] + 128) * t.stride(2) >= 2**31:
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} has more than 2^31 elements per (batch, head); "
+                         f"split the sequence")
+    return t
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot precision of the fp32 × fp32 dots: exact fp32 for fp32 inputs; tf32 next to bf16/fp16."""
+    return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
+
+
+class _Geometry:
+    """Tile sizes and scales shared by the forward and backward launches of one call."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, q_feat: torch.Tensor, window_size: int,
+                 window_kind: str, chunk_size: int):
+        self.batch, self.num_q_heads, self.num_tokens, self.head_dim = q.shape
+        self.num_kv_heads = k.shape[1]
+        self.group = self.num_q_heads // self.num_kv_heads
+        self.feature_dim = q_feat.shape[-1]
+        self.window_size, self.terrace = window_size, window_kind == "terrace"
+        self.chunk_size = chunk_size
+        self.num_tiles = triton.cdiv(self.num_tokens, chunk_size)
+        self.key_span = key_span(self.num_tiles, chunk_size, window_size, self.terrace)
+        self.block_d, self.block_f = _block(self.head_dim), _block(self.feature_dim)
+        # State blocks of at most 64 × 64 fp32 per program of the scans.
+        self.block_fs, self.block_ds = min(self.block_f, 64), min(self.block_d, 64)
+        self.sm_scale = 1.0 / math.sqrt(self.head_dim)
+        self.qk_scale = self.sm_scale * LOG2E
+        self.upcast = INTERPRET
+        self.precision = _precision(q.dtype)
+        # Dtype of the stored states S, R and of their tl.dot operands (see triton_chunk.py).
+        bf16_states = q.dtype == torch.bfloat16 and not INTERPRET
+        self.state_dot = tl.bfloat16 if bf16_states else tl.float32
+        self.state_dtype = torch.bfloat16 if bf16_states else torch.float32
+
+    def constexprs(self) -> dict:
+        return dict(WINDOW=self.window_size, TERRACE=self.terrace, KSPAN=self.key_span, BT=self.chunk_size,
+                    BD=self.block_d, BF=self.block_f, UPCAST=self.upcast, PRECISION=self.precision,
+                    STATE_DOT=self.state_dot, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+    def dims(self) -> tuple:
+        return (self.num_tokens, self.num_tiles, self.num_q_heads, self.group, self.head_dim, self.feature_dim)
+
+    def state_grid(self) -> tuple[int, int, int]:
+        return (triton.cdiv(self.feature_dim, self.block_fs), triton.cdiv(self.head_dim, self.block_ds),
+                self.batch * self.num_q_heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host functions
+# ----------------------------------------------------------------------------------------------
+
+
+def hybrid_state_fwd(k_feat: torch.Tensor, v: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear states at every tile boundary: S (B·Hq, NT, F, D) in geo.state_dtype and z (B·Hq, NT, F)
+    fp32, S[c] = Σ over keys before tile c of φk vᵀ."""
+    bh, nt, f, d = geo.batch * geo.num_q_heads, geo.num_tiles, geo.feature_dim, geo.head_dim
+    states = torch.empty(bh, nt, f, d, dtype=geo.state_dtype, device=v.device)
+    sums = torch.empty(bh, nt, f, dtype=torch.float32, device=v.device)
+    _state_fwd_kernel[geo.state_grid()](
+        k_feat, v, states, sums, *_strides(k_feat), *_strides(v), *geo.dims(),
+        BT=geo.chunk_size, BFS=geo.block_fs, BDS=geo.block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
+        num_warps=4,
+    )
+    return states, sums
+
+
+def hybrid_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_feat: torch.Tensor, k_feat: torch.Tensor,
+    gamma: torch.Tensor, geo: _Geometry,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launch. Inputs share one dtype, last dims contiguous. Returns y (B, Hq, T, D) in q.dtype,
+    and for the backward the window max (base 2), its key position (int32) and the full denominator,
+    all (B, Hq, T)."""
+    states, sums = hybrid_state_fwd(k_feat, v, geo)
+    y = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    row_max = torch.empty(geo.batch, geo.num_q_heads, geo.num_tokens, dtype=torch.float32, device=q.device)
+    arg_max = torch.empty(row_max.shape, dtype=torch.int32, device=q.device)
+    denom = torch.empty_like(row_max)
+    grid = (geo.num_tiles, geo.batch * geo.num_q_heads)
+    _hybrid_fwd_kernel[grid](
+        q, k, v, q_feat, k_feat, gamma, states, sums, y, row_max, arg_max, denom,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(y),
+        *geo.dims(), geo.qk_scale, **geo.constexprs(),
+    )
+    return y, row_max, arg_max, denom
+
+
+def hybrid_attention_bwd(
+    dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_feat: torch.Tensor,
+    k_feat: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor, row_max: torch.Tensor, arg_max: torch.Tensor,
+    denom: torch.Tensor, geo: _Geometry,
+) -> tuple[torch.Tensor, ...]:
+    """Backward launches, in dependency order (see triton_chunk.py): window dq (also δ, ρ, dγ parts),
+    linear dφq with the per-tile state gradients, their reverse prefix sum, linear dφk and dv part,
+    window dk and dv. The states are recomputed (cheaper than keeping them). Returns
+    (dq, dk, dv, dq_feat, dk_feat, dgamma) in the dtypes of the inputs."""
+    bh, nt, f, d = geo.batch * geo.num_q_heads, geo.num_tiles, geo.feature_dim, geo.head_dim
+    bhk = geo.batch * geo.num_kv_heads
+    common = dict(WINDOW=geo.window_size, TERRACE=geo.terrace, KSPAN=geo.key_span, BT=geo.chunk_size,
+                  BD=geo.block_d, UPCAST=geo.upcast, PRECISION=geo.precision, num_warps=NUM_WARPS,
+                  num_stages=NUM_STAGES)
+    with_features = dict(common, BF=geo.block_f, STATE_DOT=geo.state_dot)
+    # Key-side kernels take the query rows of a tile BQ at a time (registers).
+    query_rows = min(geo.chunk_size, 32)
+    t, group = geo.num_tokens, geo.group
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dgamma_tiles = torch.empty(bh, nt, dtype=torch.float32, device=q.device)
+    rho = torch.empty_like(row_max)
+    delta = torch.empty_like(row_max)  # dy·y per row
+    _bwd_dq_window_kernel[(nt, bh)](
+        q, k, v, gamma, y, dy, row_max, arg_max, denom, dq, dgamma_tiles, rho, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(y), *_strides(dy), *_strides(dq),
+        t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, **common,
+    )
+
+    states, sums = hybrid_state_fwd(k_feat, v, geo)
+    dq_feat = torch.empty(q_feat.shape, dtype=q_feat.dtype, device=q.device)
+    dstates = torch.empty(bh, nt, f, d, dtype=geo.state_dtype, device=q.device)
+    dsums = torch.empty(bh, nt, f, dtype=torch.float32, device=q.device)
+    _bwd_dq_linear_kernel[(nt, bh)](
+        v, q_feat, k_feat, states, sums, dy, denom, delta, dq_feat, dstates, dsums,
+        *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dq_feat),
+        t, nt, geo.num_q_heads, group, d, f, BFS=geo.block_fs, **with_features,
+    )
+    del states, sums
+    # In place: dstates[i] <- Σ_{i' >= i} dstates[i'].
+    _state_bwd_kernel[geo.state_grid()](
+        dstates, dsums, nt, d, f, BFS=geo.block_fs, BDS=geo.block_ds, num_warps=4,
+    )
+
+    dk_feat = torch.empty(k_feat.shape, dtype=k_feat.dtype, device=k.device)
+    dv_linear = torch.empty(bhk, t, d, dtype=torch.float32, device=v.device)
+    _bwd_dkv_linear_kernel[(nt, bhk)](
+        v, q_feat, k_feat, dy, denom, delta, dstates, dsums, dv_linear, dk_feat,
+        *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dk_feat),
+        t, nt, geo.num_q_heads, group, d, f, BQ=query_rows, **with_features,
+    )
+    del dstates, dsums
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _bwd_dkv_window_kernel[(nt, bhk)](
+        q, k, v, gamma, dy, row_max, arg_max, denom, delta, rho, dv_linear, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dy), *_strides(dk), *_strides(dv),
+        t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, BQ=query_rows, **common,
+    )
+    dgamma = dgamma_tiles.view(geo.batch, geo.num_q_heads, nt).sum(dim=(0, 2)).to(gamma.dtype)
+    return dq, dk, dv, dq_feat, dk_feat, dgamma
+
+
+class HybridAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton forward/backward (inputs already checked, one dtype, last
+    dims contiguous). Saves the inputs, y, the window max, its position and the denominator; no T×T
+    or state tensors survive the forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_feat, k_feat, gamma, window_size, window_kind, chunk_size):
+        geo = _Geometry(q, k, q_feat, window_size, window_kind, chunk_size)
+        y, row_max, arg_max, denom = hybrid_attention_fwd(q, k, v, q_feat, k_feat, gamma, geo)
+        ctx.save_for_backward(q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom)
+        ctx.geo = geo
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom = ctx.saved_tensors
+        dy = _unit_last(dy.to(y.dtype))
+        grads = hybrid_attention_bwd(dy, q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom, ctx.geo)
+        return (*grads, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    """All tensors on one device, and that device can run the kernels."""
+    device = tensors["q"].device
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}; move all inputs to one device")
+    if INTERPRET:
+        if device.type != "cpu":
+            raise ValueError(f"q is on {device}, but TRITON_INTERPRET=1 runs the kernels on the CPU; pass CPU tensors")
+    elif device.type != "cuda":
+        raise ValueError(
+            f"q is on {device}: the Triton hybrid attention needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+            f"tests); on the CPU use quadratic_hybrid_attention or chunked_hybrid_attention"
+        )
+    return device
+
+
+def _check_compute_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    dtype = tensors["q"].dtype
+    for name, t in tensors.items():
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take {SUPPORTED_DTYPES} (cast it)")
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_chunk_size(chunk_size: int | None, window_size: int, window_kind: str, num_tokens: int) -> int:
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 128
+            or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"chunk_size must be None or a power of two in [16, 128], got {chunk_size!r}")
+    num_tiles = triton.cdiv(num_tokens, chunk_size)
+    span = key_span(num_tiles, chunk_size, window_size, window_kind == "terrace")
+    if span > MAX_KEY_SPAN:
+        raise ValueError(
+            f"window_size={window_size} ({window_kind}) spans {span} tiles of chunk_size={chunk_size}, more than "
+            f"{MAX_KEY_SPAN}; pass a larger chunk_size (up to 128) or use chunked_hybrid_attention"
+        )
+    return chunk_size
+
+
+def triton_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    gamma: torch.Tensor,
+    window_size: int = 64,
+    window_kind: str = "sliding",
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The hybrid attention (softmax window + linear tail, one normalizer) with Triton kernels, O(T).
+
+    Same semantics as `quadratic_hybrid_attention` (gradients flow through the window max c_n, as
+    there), differentiable w.r.t. q, k, v, q_feat, k_feat and gamma. fp32 accumulation whatever the
+    input dtype; bf16/fp16 operands go to the tensor cores as they are.
+
+    Args:
+        q: (B, Hq, T, D) post-RoPE queries; D <= 256.
+        k, v: (B, Hkv, T, D) post-RoPE keys and values, Hq % Hkv == 0 (GQA, never repeated in memory).
+        q_feat, k_feat: (B, Hq, T, F) feature maps φq(q), φk(repeat_kv(k)), positive; F <= 256.
+        gamma: (Hq,) window weight in (0, 1) per query head.
+        window_size, window_kind: "sliding" (the window_size latest keys) or "terrace" (previous block
+            plus the causal part of the current one, blocks aligned to position 0).
+        chunk_size: tokens per tile (power of two in [16, 128]); None = 64. Default: None.
+    Returns:
+        y: (B, Hq, T, D) in q.dtype.
+    """
+    check_hybrid_inputs(q, k, v, q_feat, k_feat, gamma, window_size, window_kind)
+    tensors = dict(q=q, k=k, v=v, q_feat=q_feat, k_feat=k_feat, gamma=gamma)
+    _check_device(tensors)
+    compute_dtype = _check_compute_dtype({name: t for name, t in tensors.items() if name != "gamma"})
+    if not gamma.is_floating_point():
+        raise ValueError(f"gamma must be a floating-point tensor, got dtype {gamma.dtype}")
+    head_dim, feature_dim = q.shape[-1], q_feat.shape[-1]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q has head dim D={head_dim}; the Triton kernels support D <= {MAX_HEAD_DIM}")
+    if feature_dim > MAX_FEATURE_DIM:
+        raise ValueError(f"q_feat has feature dim F={feature_dim}; the Triton kernels support F <= {MAX_FEATURE_DIM}")
+    chunk_size = _check_chunk_size(chunk_size, window_size, window_kind, q.shape[2])
+    if q.shape[2] == 0:
+        return q.new_zeros(q.shape)
+    # One dtype for every tl.dot operand (a no-op in the usual case where all inputs share it).
+    q_, k_, v_, q_feat_, k_feat_ = (_unit_last(t.to(compute_dtype)) for t in (q, k, v, q_feat, k_feat))
+    y = HybridAttentionFunction.apply(q_, k_, v_, q_feat_, k_feat_, gamma.contiguous(), window_size, window_kind,
+                                      chunk_size)
+    return y.to(q.dtype)
+
+
+def hybrid_decode_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_feat: torch.Tensor, k_feat: torch.Tensor,
+    gamma: torch.Tensor, state: HybridState, window_size: int, window_kind: str, inplace: bool,
+) -> tuple[torch.Tensor, HybridState]:
+    """Host side of the decode step (inputs checked). Launches the fused kernel, then rebuilds the
+    window tensors: [window ‖ new token] without its first `num_evicted` keys."""
+    batch, num_q_heads, _, head_dim = q.shape
+    num_kv_heads, feature_dim = k.shape[1], q_feat.shape[-1]
+    window_length = state.window_length
+    # The new token is stored in the window's dtypes, and the math uses the stored values (as naive).
+    k = _unit_last(k.to(state.window_k.dtype))
+    v = _unit_last(v.to(state.window_v.dtype))
+    k_feat = _unit_last(k_feat.to(state.window_k_feat.dtype))
+    q, q_feat = _unit_last(q), _unit_last(q_feat)
+    next_position = state.num_tokens + 1
+    first_in_window = next_position - (window_length + 1)
+    num_evicted = max(0, max(0, window_start(next_position, window_size, window_kind)) - first_in_window)
+
+    kv = state.kv.contiguous()
+    k_sum = state.k_sum.contiguous()
+    # An empty window has no storage to point at; the kernel masks it out, so any tensor will do.
+    window_k = _unit_last(state.window_k) if window_length else k
+    window_v = _unit_last(state.window_v) if window_length else v
+    window_k_feat = _unit_last(state.window_k_feat) if window_length else k_feat
+    y = torch.empty(batch, num_q_heads, 1, head_dim, dtype=q.dtype, device=q.device)
+    kv_out = kv if inplace else torch.empty_like(kv)
+    k_sum_out = torch.empty_like(k_sum)
+    capacity = window_size if window_kind == "sliding" else 2 * window_size
+    block_d = _block(head_dim)
+    block_dv = min(block_d, 64)
+    precision = _precision(state.window_k.dtype)
+    grid = (batch * num_q_heads, triton.cdiv(head_dim, block_dv))
+    _hybrid_decode_kernel[grid](
+        q, k, v, q_feat, k_feat, gamma, window_k, window_v, window_k_feat, kv, k_sum, y, kv_out, k_sum_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_feat.stride(0), q_feat.stride(1), k_feat.stride(0), k_feat.stride(1),
+        *_strides(window_k), *_strides(window_v), *_strides(window_k_feat), y.stride(0), y.stride(1),
+        window_length, num_evicted, num_q_heads, num_q_heads // num_kv_heads, head_dim, feature_dim,
+        LOG2E / math.sqrt(head_dim),
+        BW=_block(capacity), BD=block_d, BDV=block_dv, BF=_block(feature_dim), PRECISION=precision,
+        num_warps=4,
+    )
+    new_state = HybridState(
+        kv=kv_out,
+        k_sum=k_sum_out,
+        window_k=torch.cat([state.window_k, k], dim=2)[:, :, num_evicted:],
+        window_v=torch.cat([state.window_v, v], dim=2)[:, :, num_evicted:],
+        window_k_feat=torch.cat([state.window_k_feat, k_feat], dim=2)[:, :, num_evicted:],
+        num_tokens=next_position,
+    )
+    return y, new_state
+
+
+def triton_hybrid_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    gamma: torch.Tensor,
+    state: HybridState,
+    window_size: int = 64,
+    window_kind: str = "sliding",
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, HybridState]:
+    """One decoding step for the token at position state.num_tokens of every sequence in the batch,
+    fused in one kernel (window attention + linear part + folding evicted keys into the state).
+
+    Same semantics as `recurrent_hybrid_step`; the cost does not depend on the context length.
+
+    Args:
+        q: (B, Hq, 1, D); k, v: (B, Hkv, 1, D); q_feat, k_feat: (B, Hq, 1, F); gamma: (Hq,).
+        state: the HybridState after the previous tokens (from prefill_hybrid_state,
+            empty_hybrid_state or an earlier step), on the device of q.
+        window_size, window_kind: as in training and prefill.
+        inplace: write the new kv into state.kv (when it is contiguous) instead of a new tensor; the
+            input state must not be used afterwards. Default: False.
+    Returns:
+        y: (B, Hq, 1, D) in q.dtype, and the new HybridState.
+    """
+    batch, num_q_heads, num_kv_heads, num_tokens, head_dim, feature_dim = check_hybrid_inputs(
+        q, k, v, q_feat, k_feat, gamma, window_size, window_kind
+    )
+    if num_tokens != 1:
+        raise ValueError(f"q must be (B, Hq, 1, D): one token per step, got {tuple(q.shape)}")
+    if not isinstance(state, HybridState):
+        raise ValueError(f"state must be a HybridState, got {type(state).__name__}")
+    check_state(state, batch, num_q_heads, num_kv_heads, head_dim, feature_dim)
+    window_length = state.window_length
+    capacity = window_size if window_kind == "sliding" else 2 * window_size
+    if window_length + 1 > capacity:
+        raise ValueError(
+            f"state holds {window_length} window keys, but a {window_kind} window of window_size={window_size} "
+            f"holds at most {capacity - 1} between steps; was the state built with another window?"
+        )
+    tensors = dict(q=q, k=k, v=v, q_feat=q_feat, k_feat=k_feat, gamma=gamma, **{
+        f"state.{name}": getattr(state, name) for name in ("kv", "k_sum", "window_k", "window_v", "window_k_feat")})
+    _check_device(tensors)
+    _check_compute_dtype({name: t for name, t in tensors.items() if name not in ("gamma",)})
+    if head_dim > MAX_HEAD_DIM or feature_dim > MAX_FEATURE_DIM:
+        raise ValueError(f"q: D={head_dim} and F={feature_dim} must be <= {MAX_HEAD_DIM} and {MAX_FEATURE_DIM}")
+    return hybrid_decode_step(q, k, v, q_feat, k_feat, gamma.contiguous(), state, window_size, window_kind, inplace)
