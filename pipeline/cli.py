@@ -11,8 +11,14 @@ import sys
 # name -> (module, one-line help). The order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("pipeline.assets", "download and convert the real model and data (SmolLM2-135M, ShareGPT, Brown)"),
+    "plan": ("pipeline.planner", "choose the block size k from the cost model: GPU memory, cache disk, time"),
     "convert": ("pipeline.convert", "convert a model (untrained feature maps) and compare it with the teacher and "
                                     "the sliding-window + sinks baseline: per-layer MSE and perplexity"),
+    "finetune": ("pipeline.finetune", "stage 2: LoRA on q,k,v,o of the stitched model, DeepSpeed ZeRO-2/3 in Ray "
+                                      "workers; resumable, also with another worker count"),
+    "export": ("pipeline.export", "write the converted model as a Hugging Face directory (LoRA merged; loads with "
+                                  "trust_remote_code; --no-merge keeps the adapter)"),
+    "generate": ("pipeline.generate", "generate text from a run or an exported model (--prompt or --chat), streamed"),
     "hyper": ("pipeline.hyper", "patch HyperAttention into chosen layers (training-free) and measure perplexity "
                                 "versus the number of patched layers"),
 }

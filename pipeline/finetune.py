@@ -1,0 +1,579 @@
+"""Stage 2, `linearize finetune RUN`: LoRA on q, k, v, o of the stitched model, trained with DeepSpeed in Ray.
+
+Input (the stitch stage's contract): RUN/stitched/hybrid.safetensors (feature maps and gamma, keys
+`layers.N.feature_map_q.weight` ..., global layer indices) and RUN/stitched/stitched.json
+({"model": ModelConfig as a dict, "attention": {window_size, window_kind, feature_dim, gamma_init},
+"base_model_sha256": ...}). Training: next-token loss on packed ShareGPT rows, DeepSpeed ZeRO-2 or 3
+(`finetune.zero_stage`), bf16 on GPU and fp32 on CPU, gradient accumulation, global-norm clipping, AdamW
+(weight decay 0), LR warmup then plateau (the paper's ReduceLROnPlateau: x0.1 after `patience` evals
+without improvement, floor min_lr) or cosine, periodic eval on the validation split, best-eval selection.
+
+RUN/finetune/ (everything a resume needs, none of it tied to the number of workers):
+
+    plan.json                   global batch (rows per optimizer step, fixed for the run), steps, rows
+    data/train.safetensors      the training rows in order (int32), data/validation.safetensors
+    checkpoint/latest.json      -> the newest complete step-NNNNNN/ (written last, atomically)
+    checkpoint/step-NNNNNN/     lora.safetensors (full fp32 LoRA weights), optimizer.safetensors (full
+                                AdamW moments, gathered from the ZeRO partitions), best.safetensors,
+                                state.json (step, data position, schedule, best eval, metrics history)
+    adapter/                    the best LoRA in PEFT format (adapter_config.json, adapter_model.safetensors)
+    result.json                 written last: the stage is complete
+
+A resume with N' workers re-splits the same global batch: grad_accum' = global batch / (micro batch x N').
+Randomness (LoRA dropout) is reseeded from (seed, step, global micro-batch slot) before every micro-batch,
+so it depends neither on the world size nor on where a run was interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from blocks.convert import AttentionSettings, convert_model, load_hybrid_state_dict
+from blocks.lora import LoraSettings, adapter_files, add_lora, lora_parameters
+
+from .config import ModelConfig, RunConfig
+from .rundir import RunDir
+from .stages import read_run_config
+
+logger = logging.getLogger(__name__)
+
+STITCHED_WEIGHTS = "stitched/hybrid.safetensors"
+STITCHED_META = "stitched/stitched.json"
+PLAN = "finetune/plan.json"
+TRAIN_DATA = "finetune/data/train.safetensors"
+VALIDATION_DATA = "finetune/data/validation.safetensors"
+LATEST = "finetune/checkpoint/latest.json"
+ADAPTER_DIR = "finetune/adapter"
+RESULT = "finetune/result.json"
+SCHEDULES = ("plateau", "cosine")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------------
+# The stitched model
+
+
+@dataclass
+class StitchedModel:
+    model: torch.nn.Module
+    model_config: ModelConfig
+    settings: AttentionSettings
+    layers: list[int]
+    meta: dict
+
+
+def load_stitched(run: RunDir, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StitchedModel:
+    """The base model with the stitched layers converted and their feature maps and gamma loaded."""
+    from .models import load_model
+
+    for rel in (STITCHED_META, STITCHED_WEIGHTS):
+        if not run.exists(rel):
+            raise FileNotFoundError(f"{run.url_of(rel)} does not exist; run the stitch stage first")
+    meta = run.read_json(STITCHED_META)
+    state = load_safetensors_bytes(run.read_bytes(STITCHED_WEIGHTS))
+    layers = sorted({int(key.split(".")[1]) for key in state})
+    model_config = ModelConfig(**meta["model"])
+    settings = AttentionSettings(**meta["attention"])
+    model = load_model(model_config, dtype=dtype, device=device)
+    convert_model(model, settings, layers=layers)
+    load_hybrid_state_dict(model, state)
+    return StitchedModel(model, model_config, settings, layers, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and plan (driver side)
+
+
+def write_finetune_data(run: RunDir, train: torch.Tensor, validation: torch.Tensor) -> None:
+    """Store the (N, T) training rows (in training order) and (V, T) validation rows in the run directory."""
+    for name, rows in (("train", train), ("validation", validation)):
+        if rows.dim() != 2 or rows.shape[0] == 0 or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: expected a non-empty (N, T) integer tensor of token ids, got "
+                             f"{rows.dtype} {tuple(rows.shape)}")
+    if train.shape[1] != validation.shape[1]:
+        raise ValueError(f"validation: rows have {validation.shape[1]} tokens but training rows have {train.shape[1]}")
+    run.write_bytes(TRAIN_DATA, save_safetensors_bytes({"input_ids": train.to(torch.int32).contiguous()}))
+    run.write_bytes(VALIDATION_DATA, save_safetensors_bytes({"input_ids": validation.to(torch.int32).contiguous()}))
+
+
+def _read_rows(run: RunDir, rel: str) -> torch.Tensor:
+    return load_safetensors_bytes(run.read_bytes(rel))["input_ids"].to(torch.int64)
+
+
+def prepare_data(run: RunDir, config: RunConfig, num_train_rows: int) -> None:
+    """Tokenize ShareGPT rows for this run (once; a resume reuses them)."""
+    if run.exists(TRAIN_DATA) and run.exists(VALIDATION_DATA):
+        return
+    from .data import packed_training_sequences
+    from .models import load_tokenizer, model_directory
+
+    seq_len, num_validation = config.data.seq_len, config.data.validation_sequences
+    if model_directory(config.model) is None:
+        # Random-weight presets have no tokenizer: random ids exercise every stage at the real shape (as stage 1).
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 2)
+        train = torch.randint(0, config.model.vocab_size, (num_train_rows, seq_len), generator=generator)
+        validation = torch.randint(0, config.model.vocab_size, (num_validation, seq_len), generator=generator)
+    else:
+        tokenizer = load_tokenizer(config.model)
+        train = packed_training_sequences(tokenizer, seq_len, num_train_rows, split="train", seed=config.seed)
+        validation = packed_training_sequences(tokenizer, seq_len, num_validation, split="validation",
+                                               seed=config.seed)
+    write_finetune_data(run, train, validation)
+
+
+def make_plan(config: RunConfig, world_size: int) -> dict:
+    """Rows per optimizer step (fixed for the whole run, whatever the later worker count) and step count."""
+    cfg = config.finetune
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world_size
+    num_rows = math.ceil(cfg.train_tokens / config.data.seq_len)
+    total_steps = num_rows // global_batch
+    if total_steps < 1:
+        raise ValueError(f"finetune.train_tokens: {cfg.train_tokens} tokens make {num_rows} rows of "
+                         f"{config.data.seq_len}, fewer than one optimizer step of {global_batch} rows "
+                         f"(micro_batch_size x grad_accum x {world_size} workers); raise train_tokens to at least "
+                         f"{global_batch * config.data.seq_len}")
+    return {"global_batch": global_batch, "total_steps": total_steps, "num_train_rows": total_steps * global_batch,
+            "seq_len": config.data.seq_len, "first_world_size": world_size}
+
+
+def accumulation_steps(global_batch: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each of `world_size` ranks for the run's fixed global batch."""
+    rows_per_micro_step = micro_batch_size * world_size
+    if global_batch % rows_per_micro_step:
+        divisors = [n for n in range(1, global_batch // micro_batch_size + 1)
+                    if (global_batch // micro_batch_size) % n == 0]
+        raise ValueError(
+            f"workers: {world_size} workers x micro_batch_size {micro_batch_size} do not divide the run's global "
+            f"batch of {global_batch} rows (fixed when the run started); resume with one of {divisors} workers")
+    return global_batch // rows_per_micro_step
+
+
+# --------------------------------------------------------------------------------------------------
+# Options handed to every worker (plain data: they travel through Ray)
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    run_url: str
+    zero_stage: int
+    micro_batch_size: int
+    global_batch: int
+    total_steps: int
+    lr: float
+    schedule: str = "plateau"
+    warmup_steps: int = 0
+    min_lr: float = 1e-5
+    patience: int = 10
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    lora: dict = field(default_factory=dict)
+    seed: int = 0
+    use_gpu: bool = False
+    kill_at_step: int | None = None
+    """Fault injection for tests: rank 0 SIGKILLs itself after finishing this optimizer step."""
+    return_weights: bool = False
+    """Return every rank's view of the final LoRA weights (tests: equal across ranks)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: {self.schedule!r} is not one of {SCHEDULES}")
+
+
+def train_options(run: RunDir, config: RunConfig, plan: dict, use_gpu: bool, **extra) -> TrainOptions:
+    cfg = config.finetune
+    # Fields the lead may add to FinetuneConfig; the defaults are the paper's (lolcats.md §4).
+    return TrainOptions(
+        run_url=run.url, zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
+        global_batch=plan["global_batch"], total_steps=plan["total_steps"], lr=cfg.lr,
+        schedule=getattr(cfg, "schedule", "plateau"), warmup_steps=getattr(cfg, "warmup_steps", 0),
+        min_lr=getattr(cfg, "min_lr", 1e-5), patience=getattr(cfg, "patience", 10), grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+        lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}, seed=config.seed,
+        use_gpu=use_gpu, **extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning-rate schedule: a pure function of (step, state), so it resumes exactly
+
+
+class LRSchedule:
+    """Linear warmup, then either plateau (x0.1 after `patience` evals without a 1e-4 relative improvement,
+    as torch's ReduceLROnPlateau) or cosine decay to min_lr at the last step."""
+
+    def __init__(self, options: TrainOptions, state: dict | None = None):
+        self.options = options
+        self.scale, self.best, self.bad_evals = 1.0, math.inf, 0
+        if state:
+            self.scale, self.best, self.bad_evals = state["scale"], state["best"], state["bad_evals"]
+
+    def lr(self, step: int) -> float:
+        o = self.options
+        if step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            span = max(1, o.total_steps - o.warmup_steps)
+            progress = min(1.0, (step - o.warmup_steps) / span)
+            return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(o.min_lr, o.lr * self.scale)
+
+    def observe(self, eval_loss: float) -> None:
+        if self.options.schedule != "plateau":
+            return
+        if eval_loss < self.best * (1.0 - 1e-4):
+            self.best, self.bad_evals = eval_loss, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals > self.options.patience:
+            self.scale, self.bad_evals = self.scale * 0.1, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: full (world-size-independent) tensors, written by rank 0
+
+
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _step_dir(step: int) -> str:
+    return f"finetune/checkpoint/step-{step:06d}"
+
+
+def latest_checkpoint(run: RunDir) -> dict | None:
+    """The newest complete checkpoint's state.json (with 'dir'), or None."""
+    pointer = run.read_json(LATEST, default=None)
+    if pointer is None:
+        return None
+    state = run.read_json(f"{pointer['dir']}/state.json")
+    state["dir"] = pointer["dir"]
+    return state
+
+
+def _gather_full(engine, params: dict[str, torch.nn.Parameter], with_optimizer: bool):
+    """Full fp32 LoRA weights (and AdamW moments) on every rank: collective under ZeRO-2 and ZeRO-3."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    weights, moments = {}, {}
+    for name, param in params.items():
+        weights[name] = safe_get_full_fp32_param(param).detach().float().cpu().clone()
+        if with_optimizer:
+            for key in OPTIMIZER_KEYS:
+                moments[f"{name}.{key}"] = safe_get_full_optimizer_state(param, key).detach().float().cpu().clone()
+    return weights, moments
+
+
+def _restore_optimizer(engine, params: dict[str, torch.nn.Parameter], weights: dict, moments: dict, step: int):
+    """Put full fp32 weights and AdamW moments back into the ZeRO partitions of this world size."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero_optimizer = engine.optimizer
+    base = zero_optimizer.optimizer  # the torch AdamW, stepping this rank's flat fp32 partitions
+    # The flat fp32 partitions AdamW keys its state by (ZeRO-3 and ZeRO-1/2 name them differently).
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        flats = zero_optimizer.single_partition_of_fp32_groups
+    # torch.optim.AdamW creates its state lazily at the first step; create it now, in its own layout.
+    for flat in flats:
+        base.state[flat] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                            "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    # ZeRO-1/2 link each parameter's fragment to the optimizer state after the first step; do it now.
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+    device = next(iter(params.values())).device
+    for name, param in params.items():
+        safe_set_full_fp32_param(param, weights[name].to(device))
+        for key in OPTIMIZER_KEYS:
+            safe_set_full_optimizer_state(param, moments[f"{name}.{key}"].to(device), key)
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker (runs on every rank inside a DeepSpeedWorkerGroup)
+
+
+def _seed_for(seed: int, step: int, slot: int) -> int:
+    return (seed * 1_000_003 + step * 65_537 + slot) % (2**63 - 1)
+
+
+def train_worker(options: TrainOptions) -> dict:
+    """Train (or resume) on this rank until options.total_steps; returns this rank's summary."""
+    return Stage2Worker(options).run()
+
+
+class Stage2Worker:
+    """One rank of stage 2: the DeepSpeed engine over the LoRA model, the data slice, checkpoints (rank 0 writes).
+
+    Every method that gathers or reduces is collective: all ranks call it in the same order.
+    """
+
+    def __init__(self, options: TrainOptions):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.options, self.dist = options, dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.run_dir = RunDir(options.run_url)
+        self.grad_accum = accumulation_steps(options.global_batch, options.micro_batch_size, self.world_size)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if options.use_gpu else torch.device("cpu")
+
+        stitched = load_stitched(self.run_dir, dtype=torch.bfloat16 if options.use_gpu else torch.float32,
+                                 device=self.device)
+        self.model = add_lora(stitched.model, LoraSettings(**options.lora), seed=options.seed)
+        self.model.config.use_cache = False
+        self.params = lora_parameters(self.model)
+
+        self.step, self.history, self.best, self.best_weights = 0, [], {"loss": math.inf, "step": None}, None
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            weights, moments = self._load_checkpoint(checkpoint)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": options.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": options.grad_clip,
+            "zero_optimization": {"stage": options.zero_stage},
+            "bf16": {"enabled": options.use_gpu},
+            "steps_per_print": 10**9,
+        }
+        # A torch optimizer: a DeepSpeed config optimizer JIT-compiles its CPU/fused kernels (~55 s, stack.md §6).
+        optimizer = torch.optim.AdamW(list(self.params.values()), lr=options.lr, weight_decay=0.0)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=list(self.params.values()),
+                                                    optimizer=optimizer, config=ds_config)
+        if checkpoint is not None:
+            _restore_optimizer(self.engine, self.params, weights, moments, self.step)
+        self.schedule = LRSchedule(options, checkpoint["schedule"] if checkpoint else None)
+
+        self.train_rows = _read_rows(self.run_dir, TRAIN_DATA)
+        self.validation_rows = _read_rows(self.run_dir, VALIDATION_DATA)
+        if self.train_rows.shape[0] < options.total_steps * options.global_batch:
+            raise ValueError(f"{self.run_dir.url_of(TRAIN_DATA)} holds {self.train_rows.shape[0]} rows, fewer than "
+                             f"the plan's {options.total_steps} steps x {options.global_batch}")
+
+    def _load_checkpoint(self, checkpoint: dict) -> tuple[dict, dict]:
+        folder = checkpoint["dir"]
+        weights = load_safetensors_bytes(self.run_dir.read_bytes(f"{folder}/lora.safetensors"))
+        moments = load_safetensors_bytes(self.run_dir.read_bytes(f"{folder}/optimizer.safetensors"))
+        if self.run_dir.exists(f"{folder}/best.safetensors"):
+            self.best_weights = load_safetensors_bytes(self.run_dir.read_bytes(f"{folder}/best.safetensors"))
+        self.step, self.history, self.best = checkpoint["step"], checkpoint["history"], checkpoint["best"]
+        # Before deepspeed.initialize, so the module's copy (bf16 on GPU) is built from the saved weights too.
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name])
+        return weights, moments
+
+    def evaluate(self) -> float:
+        """Mean next-token loss over the validation rows, split across ranks. Every rank runs the same number
+        of forwards (ZeRO-3 gathers parameters collectively inside each); rows past the end count zero."""
+        self.engine.eval()
+        micro = self.options.micro_batch_size
+        rows = self.validation_rows
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(math.ceil(rows.shape[0] / (micro * self.world_size))):
+                first = (i * self.world_size + self.rank) * micro
+                index = torch.arange(first, first + micro)
+                real = (index < rows.shape[0]).to(self.device)
+                batch = rows[index.clamp(max=rows.shape[0] - 1)].to(self.device)
+                logits = self.engine(input_ids=batch).logits.float()
+                token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+                token_loss = token_loss.view(batch.shape[0], -1)
+                total += torch.tensor([(token_loss.sum(-1) * real).sum().item(),
+                                       real.sum().item() * token_loss.shape[1]], dtype=torch.float64)
+        self.dist.all_reduce(total)
+        self.engine.train()
+        return (total[0] / total[1]).item()
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch's rows (this rank's micro-batches of it)."""
+        options, step = self.options, self.step
+        lr = self.schedule.lr(step)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        losses = []
+        for micro in range(self.grad_accum):
+            slot = micro * self.world_size + self.rank  # the global micro-batch slot: same rows for any world size
+            first = step * options.global_batch + slot * options.micro_batch_size
+            batch = self.train_rows[first:first + options.micro_batch_size].to(self.device)
+            torch.manual_seed(_seed_for(options.seed, step, slot))
+            loss = self.engine(input_ids=batch, labels=batch).loss
+            self.engine.backward(loss)
+            self.engine.step()  # applies the update at the accumulation boundary only
+            losses.append(loss.detach().float().cpu())
+        train_loss = torch.stack(losses).mean().reshape(1).double()
+        self.dist.all_reduce(train_loss)
+        self.step += 1
+        return {"step": self.step, "lr": lr, "train_loss": train_loss.item() / self.world_size,
+                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "tokens": self.step * options.global_batch * self.train_rows.shape[1]}
+
+    def save_checkpoint(self) -> None:
+        full, moments = _gather_full(self.engine, self.params, with_optimizer=True)
+        if self.rank == 0:
+            run, folder = self.run_dir, _step_dir(self.step)
+            run.write_bytes(f"{folder}/lora.safetensors", save_safetensors_bytes(full))
+            run.write_bytes(f"{folder}/optimizer.safetensors", save_safetensors_bytes(moments))
+            if self.best_weights is not None:
+                run.write_bytes(f"{folder}/best.safetensors", save_safetensors_bytes(self.best_weights))
+            run.write_json(f"{folder}/state.json", {
+                "step": self.step, "rows_consumed": self.step * self.options.global_batch,
+                "global_batch": self.options.global_batch, "world_size": self.world_size,
+                "schedule": self.schedule.state_dict(), "best": self.best, "history": self.history})
+            previous = run.read_json(LATEST, default=None)
+            run.write_json(LATEST, {"dir": folder, "step": self.step})  # the commit point of this checkpoint
+            if previous is not None and previous["dir"] != folder:
+                run.remove(previous["dir"], recursive=True)
+        self.dist.barrier()
+
+    def run(self) -> dict:
+        options = self.options
+        self.engine.train()
+        if self.step == 0 and not self.history:
+            # The starting point of the curve: what stage 1 alone gives (LoRA B is zero at init).
+            self.history.append({"step": 0, "eval_loss": self.evaluate()})
+        started = time.time()
+        while self.step < options.total_steps:
+            record = self.train_step()
+            record["seconds"] = round(time.time() - started, 2)
+            if self.step % options.eval_every == 0 or self.step == options.total_steps:
+                record["eval_loss"] = self.evaluate()
+                self.schedule.observe(record["eval_loss"])
+                if record["eval_loss"] < self.best["loss"]:
+                    self.best = {"loss": record["eval_loss"], "step": self.step}
+                    self.best_weights, _ = _gather_full(self.engine, self.params, with_optimizer=False)
+                if self.rank == 0:  # Ray forwards a worker's stdout to the driver
+                    print(f"finetune step {self.step}/{options.total_steps}: train loss {record['train_loss']:.4f}, "
+                          f"eval loss {record['eval_loss']:.4f} (best {self.best['loss']:.4f} at step "
+                          f"{self.best['step']}), lr {record['lr']:.2e}, {record['seconds']:.0f} s", flush=True)
+            self.history.append(record)
+            if self.step % options.checkpoint_every == 0 or self.step == options.total_steps:
+                self.save_checkpoint()
+            if options.kill_at_step == self.step and self.rank == 0:
+                os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no cleanup, no exception
+
+        final_weights, _ = _gather_full(self.engine, self.params, with_optimizer=False)
+        best_weights = self.best_weights if self.best_weights is not None else final_weights
+        result = {"steps": options.total_steps, "world_size": self.world_size, "best": self.best,
+                  "history": self.history}
+        if self.rank == 0:
+            for name, data in adapter_files(self.model, best_weights).items():
+                self.run_dir.write_bytes(f"{ADAPTER_DIR}/{name}", data)
+            self.run_dir.write_json(RESULT, result)
+        self.dist.barrier()
+        if options.return_weights:
+            result["weights"] = _local_view(self.params)
+            result["final_weights"] = final_weights
+        return result
+
+
+def _local_view(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """This rank's copy of each LoRA weight as the model uses it (gathered under ZeRO-3)."""
+    import deepspeed
+
+    out = {}
+    for name, param in params.items():
+        if hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param]):
+                out[name] = param.detach().float().cpu().clone()
+        else:
+            out[name] = param.detach().float().cpu().clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_finetune(run_url: str, *, num_workers: int | None = None, use_gpu: bool | None = None, workers=None,
+                 max_restarts: int = 2, kill_at_step: int | None = None, return_weights: bool = False) -> dict:
+    """Run (or resume, or return the finished result of) stage 2 for the run directory at `run_url`.
+
+    Args:
+        num_workers: DeepSpeed ranks (default: the cluster's GPUs, or 1 CPU worker).
+        use_gpu: default: whether the cluster config has GPUs.
+        workers: an existing cluster.deepspeed_worker.DeepSpeedWorkerGroup to run on (tests share one);
+            after a failure a fresh group of the same size is made.
+        max_restarts: how many times a failed attempt is restarted from the last checkpoint.
+        kill_at_step: fault injection (first attempt only): rank 0 is SIGKILLed after this step.
+    Returns: rank 0's summary (steps, best eval, history; with return_weights, every rank's view too).
+    """
+    from cluster.connect import connect
+    from cluster.deepspeed_worker import DeepSpeedWorkerGroup, WorkerGroupError
+
+    run = RunDir(run_url)
+    if run.exists(RESULT) and not return_weights:
+        return run.read_json(RESULT)
+    config = read_run_config(run)
+    if use_gpu is None:
+        use_gpu = config.cluster.num_gpus > 0
+    if workers is not None:
+        num_workers = workers.world_size
+    elif num_workers is None:
+        num_workers = config.cluster.num_gpus if use_gpu else 1
+    plan = run.read_json(PLAN, default=None)
+    if plan is None:
+        plan = make_plan(config, num_workers)
+        run.write_json(PLAN, plan)
+    prepare_data(run, config, plan["num_train_rows"])
+    connect(config.cluster.address, num_cpus=config.cluster.num_cpus)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+
+    attempt = 0
+    while True:
+        if workers is None:
+            workers = DeepSpeedWorkerGroup(num_workers, use_gpu=use_gpu, env=env)
+        elif not workers.alive:
+            workers = workers.respawn()
+        options = train_options(run, config, plan, use_gpu, kill_at_step=kill_at_step if attempt == 0 else None,
+                                 return_weights=return_weights)
+        try:
+            results = workers.run(train_worker, options)
+            break
+        except WorkerGroupError as error:
+            attempt += 1
+            checkpoint = latest_checkpoint(run)
+            logger.warning("finetune attempt %d failed (%s); last checkpoint: step %s", attempt, error,
+                           checkpoint["step"] if checkpoint else None)
+            if attempt > max_restarts:
+                raise
+    result = results[0]
+    if return_weights:
+        result["rank_weights"] = [r.pop("weights") for r in results]
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: linearize finetune RUN
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", help="run directory (path or fsspec URL) holding stitched/")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DeepSpeed ranks (default: the cluster's GPUs, or 1 CPU worker); a resume may use "
+                             "another count that divides the global batch")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU workers even if the cluster has GPUs")
+    parser.add_argument("--max-restarts", type=int, default=2, help="restarts from the last checkpoint on failure")
+
+
+def main(args) -> int:
+    run = RunDir(args.run)
+    run.mark("finetune", "running")
+    result = run_finetune(args.run, num_workers=args.workers, use_gpu=False if args.cpu else None,
+                          max_restarts=args.max_restarts)
+    run.mark("finetune", "done")
+    best = result["best"]
+    print(f"finetune done: {result['steps']} steps on {result['world_size']} workers; best eval loss "
+          f"{best['loss']:.4f} at step {best['step']}; adapter in {run.url_of(ADAPTER_DIR)}")
+    return 0

@@ -1,0 +1,157 @@
+"""Stage 2 (LoRA with DeepSpeed in Ray workers) on a tiny model: ZeRO-2/3 with one and two workers, the
+adapter it leaves, and kill-and-resume (same and different worker count) ending where an undisturbed run ends.
+
+One Ray instance and one group of worker actors per world size are shared by the whole module: actor
+start-up (importing torch, transformers, peft, deepspeed) dominates the cost of these tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+from blocks.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_files  # noqa: E402
+from cluster.deepspeed_worker import DeepSpeedWorkerGroup, WorkerGroupError  # noqa: E402
+from pipeline import finetune  # noqa: E402
+from pipeline.finetune import (  # noqa: E402
+    ADAPTER_DIR, LATEST, RESULT, VALIDATION_DATA, latest_checkpoint, load_stitched, run_finetune)
+from tests.pipeline.tiny_run import make_model_dir, make_tiny_run  # noqa: E402
+
+TRAIN_ROWS = 24  # 6 optimizer steps of 4 rows with two workers (micro 1 x accumulation 2 x 2)
+FINETUNE = {"lr": 3e-2, "eval_every": 2, "checkpoint_every": 3}
+ENV = {"PYTHONPATH": str(finetune.PROJECT_ROOT)}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def groups(ray_session):
+    """Live worker groups by world size, recreated when a test killed one (half a CPU each: 3 fit in 2)."""
+    live: dict[int, DeepSpeedWorkerGroup] = {}
+
+    def get(world_size: int) -> DeepSpeedWorkerGroup:
+        if world_size not in live or not live[world_size].alive:
+            live[world_size] = DeepSpeedWorkerGroup(world_size, cpus_per_worker=0.5, env=ENV)
+        return live[world_size]
+
+    yield get
+    for group in live.values():
+        if group.alive:
+            group.shutdown()
+
+
+def _run(tmp_path_factory, model_dir, zero_stage, name):
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    return make_tiny_run(str(run_dir), model_dir, zero_stage=zero_stage, train_rows=TRAIN_ROWS, finetune=FINETUNE)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, model_dir, groups):
+    """Uninterrupted two-worker runs for ZeRO-2 and ZeRO-3: the references of the resume tests."""
+    results = {}
+    for stage in (2, 3):
+        run = _run(tmp_path_factory, model_dir, stage, f"undisturbed-z{stage}")
+        results[stage] = (run, run_finetune(run.url, workers=groups(2), max_restarts=0, return_weights=True))
+    return results
+
+
+def _check_trained(run, result, world_size):
+    history = result["history"]
+    assert result["world_size"] == world_size
+    assert [h["step"] for h in history] == list(range(0, result["steps"] + 1))
+    initial, final = history[0]["eval_loss"], history[-1]["eval_loss"]
+    assert final < initial - 0.5, f"eval loss did not decrease: {initial:.3f} -> {final:.3f}"
+    weights = result["rank_weights"]
+    assert len(weights) == world_size
+    for name, tensor in weights[0].items():
+        assert tensor.abs().sum() > 0
+        for other in weights[1:]:
+            assert torch.equal(other[name], tensor), f"{name} differs between ranks"
+    assert run.exists(RESULT) and run.exists(f"{ADAPTER_DIR}/{ADAPTER_CONFIG}")
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_workers_train_equal_lora_and_best_adapter(undisturbed, zero_stage):
+    run, result = undisturbed[zero_stage]
+    _check_trained(run, result, world_size=2)
+    # The adapter is the best-eval LoRA in PEFT format: the stitched model plus it reproduces that eval loss.
+    files = {name: run.read_bytes(f"{ADAPTER_DIR}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    model = load_adapter_files(load_stitched(run).model, files).eval()
+    rows = finetune._read_rows(run, VALIDATION_DATA)
+    with torch.no_grad():
+        loss = sum(model(input_ids=row[None], labels=row[None]).loss.item() for row in rows) / len(rows)
+    assert math.isclose(loss, result["best"]["loss"], rel_tol=1e-5)
+    assert result["best"]["loss"] == min(h["eval_loss"] for h in result["history"] if "eval_loss" in h)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_one_worker_trains(tmp_path_factory, model_dir, groups, zero_stage):
+    run = _run(tmp_path_factory, model_dir, zero_stage, f"one-worker-z{zero_stage}")
+    result = run_finetune(run.url, workers=groups(1), max_restarts=0, return_weights=True)
+    _check_trained(run, result, world_size=1)
+    assert result["steps"] == TRAIN_ROWS // 2
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path_factory, model_dir, groups, undisturbed):
+    """Rank 0 is SIGKILLed after step 4; the driver restarts a fresh group from the step-3 checkpoint."""
+    reference_run, reference = undisturbed[2]
+    run = _run(tmp_path_factory, model_dir, 2, "killed-same-count")
+    group = groups(2)
+    result = run_finetune(run.url, workers=group, kill_at_step=4, max_restarts=1, return_weights=True)
+    assert not group.alive  # the first group died with its rank 0
+    assert [h["step"] for h in result["history"]] == [h["step"] for h in reference["history"]]
+    for ours, theirs in zip(result["history"], reference["history"]):
+        assert ours.get("eval_loss") == theirs.get("eval_loss")
+        assert ours.get("train_loss") == theirs.get("train_loss")
+    for name, tensor in reference["final_weights"].items():
+        assert torch.equal(result["final_weights"][name], tensor), name
+    assert reference_run.read_bytes(f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}") == run.read_bytes(
+        f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
+
+
+def test_resume_with_a_different_worker_count(tmp_path_factory, model_dir, groups, undisturbed):
+    """ZeRO-3 on two workers killed after step 4; resumed on ONE worker (accumulation 4 instead of 2)."""
+    _, reference = undisturbed[3]
+    run = _run(tmp_path_factory, model_dir, 3, "killed-other-count")
+    with pytest.raises(WorkerGroupError, match="rank 0"):
+        run_finetune(run.url, workers=groups(2), kill_at_step=4, max_restarts=0)
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and not run.exists(RESULT)
+    assert run.read_json(LATEST)["dir"].endswith("step-000003")
+
+    result = run_finetune(run.url, workers=groups(1), max_restarts=0, return_weights=True)
+    assert result["world_size"] == 1
+    assert [h["step"] for h in result["history"]] == [h["step"] for h in reference["history"]]
+    # Same rows, same order, same optimizer state: only the float summation order differs.
+    for ours, theirs in zip(result["history"], reference["history"]):
+        if "eval_loss" in theirs:
+            assert math.isclose(ours["eval_loss"], theirs["eval_loss"], rel_tol=1e-5)
+    for name, tensor in reference["final_weights"].items():
+        torch.testing.assert_close(result["final_weights"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_fixes_the_global_batch_and_resume_needs_a_dividing_worker_count(tmp_path_factory, model_dir):
+    run = _run(tmp_path_factory, model_dir, 2, "plan")
+    config = finetune.read_run_config(run)
+    plan = finetune.make_plan(config, world_size=2)
+    assert plan["global_batch"] == 4 and plan["total_steps"] == TRAIN_ROWS // 4
+    assert [finetune.accumulation_steps(4, 1, n) for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match=r"resume with one of \[1, 2, 4\] workers"):
+        finetune.accumulation_steps(4, 1, 3)
+    with pytest.raises(ValueError, match="train_tokens"):
+        finetune.make_plan(config, world_size=64)
