@@ -177,9 +177,12 @@ class HybridAttention(nn.Module):
             cache.states[self.layer_idx] = prefill_hybrid_state(k, v, k_feat, self.window_size, self.window_kind)
             return out
         q_feat, k_feat = self.features(q, k)
+        step = recurrent_hybrid_step
+        if q.is_cuda and self.implementation in ("auto", "triton") and _triton_available():
+            from kernels.hybrid_attention.triton_api import triton_hybrid_decode_step as step  # fused state update
         outs = []
         for t in range(q.shape[2]):
-            y, state = recurrent_hybrid_step(
+            y, state = step(
                 q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], q_feat[:, :, t:t + 1], k_feat[:, :, t:t + 1],
                 self.gamma, state, window_size=self.window_size, window_kind=self.window_kind)
             outs.append(y)

@@ -12,6 +12,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("pipeline.assets", "download and convert the real model and data (SmolLM2-135M, ShareGPT, Brown)"),
     "plan": ("pipeline.planner", "choose the block size k from the cost model: GPU memory, cache disk, time"),
+    "run": ("pipeline.run", "run the pipeline (plan, collect, transfer, stitch, finetune, export) into a run directory"),
+    "resume": ("pipeline.run", "continue a run from whatever its run directory holds"),
+    "submit": ("pipeline.jobs", "submit a run to a Ray cluster as a Ray Job"),
+    "status": ("pipeline.jobs", "show a submitted job's status"),
+    "logs": ("pipeline.jobs", "print (or --follow) a submitted job's log"),
     "convert": ("pipeline.convert", "convert a model (untrained feature maps) and compare it with the teacher and "
                                     "the sliding-window + sinks baseline: per-layer MSE and perplexity"),
     "finetune": ("pipeline.finetune", "stage 2: LoRA on q,k,v,o of the stitched model, DeepSpeed ZeRO-2/3 in Ray "

@@ -488,8 +488,12 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 
 def run_config_to_yaml(config: RunConfig) -> str:
-    """The resolved form written to RUN/run.yaml: inline mappings only, so it loads without presets."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The resolved form written to RUN/run.yaml: inline mappings only, so it loads without presets. Sizes are
+    written with their unit ('80000000000B'): a bare number would read back as gigabytes."""
+    data = config.to_dict()
+    for section, key in _BYTES_FIELDS:
+        data[section][key] = f"{data[section][key]}B"
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def check_feature_dim(checkpoint: str, feature_dim: int, head_dim: int) -> None:

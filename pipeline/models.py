@@ -128,6 +128,34 @@ def load_layer_stack(model_cfg: ModelConfig, start: int, end: int, dtype: torch.
     return LayerStack(layers, _rotary(model_cfg, config, device), start, config).eval()
 
 
+EMBEDDING_KEY = "model.embed_tokens.weight"
+
+
+def load_embeddings(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> nn.Embedding:
+    """The token-embedding table only (`model.embed_tokens.weight`): boundary 0 of the hidden-state cache is
+    embed(tokens), the raw residual stream entering layer 0. Read from the checkpoint's safetensors, or
+    generated from the seed by tensor name (bit-identical to the same table of load_model)."""
+    with torch.device("meta"):
+        embedding = nn.Embedding(model_cfg.vocab_size, model_cfg.hidden_size)
+    embedding = embedding.to_empty(device="cpu")
+    directory = model_directory(model_cfg)
+    if directory is None:
+        random_init_(embedding, model_cfg.seed, prefix=EMBEDDING_KEY.removesuffix("weight"))
+    else:
+        from safetensors import safe_open
+        files = sorted(directory.glob("*.safetensors"))
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                if EMBEDDING_KEY in f.keys():
+                    with torch.no_grad():
+                        embedding.weight.copy_(f.get_tensor(EMBEDDING_KEY))
+                    break
+        else:
+            raise ValueError(f"{directory}: no {EMBEDDING_KEY} in {[f.name for f in files]}")
+    return embedding.to(device=device, dtype=dtype).eval()
+
+
 def _load_layer_weights(directory: Path, layers: nn.ModuleList, start: int) -> None:
     from safetensors import safe_open
     files = sorted(directory.glob("*.safetensors"))

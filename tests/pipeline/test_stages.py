@@ -1,0 +1,187 @@
+"""The block-wise stages on a tiny random model (4 layers, d=64, k=2) in one local Ray instance: plan, the cache
+boundaries against the whole teacher model, per-block transfer results and metrics, stitch (and its contract
+with stage 2), a rerun that does nothing, and collect rewriting exactly the missing and corrupt shards."""
+
+import os
+import shutil
+
+import pytest
+import ray
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors_bytes
+
+from pipeline.cache import BoundaryCache
+from pipeline.config import load_run_config
+from pipeline.rundir import RunDir
+from pipeline.run import RunError, resume, run_pipeline
+from pipeline.stages import (STITCHED_META, STITCHED_WEIGHTS, TRANSFER_MSE_JSON, TRANSFER_MSE_PNG, collect_boundary,
+                             parse_faults, read_tokens)
+
+SHARD_BYTES = 32 * 1024  # 8 rows of 32 tokens x 64 dims in bf16: 48 train rows -> 6 shards
+TINY = {
+    "model": {"name": "tiny-random", "architecture": "LlamaForCausalLM", "weights": "random", "seed": 0,
+              "hf_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+                            "max_position_embeddings": 256}},
+    "attention": {"window_size": 8, "window_kind": "terrace", "feature_dim": 8, "gamma_init": 0.1},
+    "data": {"seq_len": 32, "validation_sequences": 4, "eval_seq_len": 32, "eval_sequences": 2},
+    "transfer": {"train_tokens": 48 * 32, "layers_per_block": 2, "lr": 1e-2, "micro_batch_size": 2, "grad_accum": 2,
+                 "eval_every": 2, "patience": 10, "checkpoint_every": 2},
+    "cluster": {"name": "local", "address": "local", "num_gpus": 0, "num_cpus": 2},
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tiny_config, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "reference")
+    return run_pipeline(tiny_config, run_dir, until="stitch", shard_bytes=SHARD_BYTES)
+
+
+def test_plan_state_and_cache_layout(reference):
+    plan = reference.read_json("plan.json")
+    assert (plan["k"], plan["num_blocks"], plan["k_source"], plan["blocks"]) == (2, 2, "config", [[0, 2], [2, 4]])
+    assert plan["shard_rows"] == 8
+    assert plan["splits"] == {"train": {"rows": 48, "shards": 6}, "validation": {"rows": 4, "shards": 1}}
+    assert set(plan["predicted_times_s"]) >= {"collect_s", "block_s", "wall_s"}
+    resolved = yaml.safe_load(reference.read_text("run.yaml"))
+    assert resolved["transfer"]["layers_per_block"] == 2 and resolved["run_dir"] == reference.url
+    assert {k: v for k, v in reference.state().items() if v != "pending"} == {
+        "plan": "done", "collect": "done", "transfer": "done", "stitch": "done"}
+    for split, shards in (("train", 6), ("validation", 1)):
+        cache = BoundaryCache(reference, split)
+        assert cache.layers() == [0, 2]  # the last block's output is never needed
+        for layer in (0, 2):
+            index = cache.index(layer)
+            assert index["complete"] and index["num_shards"] == shards
+    assert BoundaryCache(reference, "train").reader(2).num_rows == 48
+
+
+def test_boundaries_are_the_teachers_raw_residual_stream(reference):
+    """Boundary 0 = embeddings, boundary 2 = the stream entering layer 2 (before its input_layernorm),
+    exactly as the whole model computes it (up to the bf16 storage of boundary 0)."""
+    from pipeline.models import load_model
+
+    config = load_run_config_from(reference)
+    tokens = read_tokens(reference, "train")
+    assert tokens.shape == (48, 32) and 0 <= tokens.min() and tokens.max() < 128
+    model = load_model(config.model)
+    with torch.no_grad():
+        states = model(tokens[:8], output_hidden_states=True).hidden_states  # states[l]: input of layer l
+    reader0 = BoundaryCache(reference, "train").reader(0)
+    hidden0, positions = reader0.read_shard(0)
+    assert torch.equal(hidden0, states[0].to(torch.bfloat16))
+    assert torch.equal(positions, torch.arange(32).expand(8, 32))
+    hidden2, _ = BoundaryCache(reference, "train").reader(2).read_shard(0)
+    assert hidden2.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden2.float(), states[2], rtol=2e-2, atol=2e-2)
+    # Not the normalized input: the layer's input_layernorm output is far from the stored stream.
+    normed = model.model.layers[2].input_layernorm(states[2])
+    assert (normed - hidden2.float()).abs().max() > 0.5
+
+
+def load_run_config_from(run):
+    path = run.path("run.yaml")
+    return load_run_config(path)
+
+
+def test_blocks_train_and_record_metrics(reference):
+    for block, layers in ((0, [0, 1]), (1, [2, 3])):
+        folder = f"blocks/B{block:03d}"
+        result = reference.read_json(f"{folder}/result.json")
+        assert result["converted_layers"] == layers and result["layers"] == [layers[0], layers[-1] + 1]
+        assert result["optimizer_steps"] == 12 and result["micro_steps"] == 24 and result["tokens"] == 48 * 32
+        assert result["best_val_loss"] < result["val_loss_before"]
+        assert len(result["mse_before"]) == len(result["mse_after"]) == 2
+        lines = [yaml.safe_load(line) for line in reference.read_text(f"{folder}/metrics.jsonl").splitlines()]
+        evals = [r["optimizer_step"] for r in lines if r["event"] == "eval"]
+        steps = [r["optimizer_step"] for r in lines if r["event"] == "train"]
+        assert evals == [0, 2, 4, 6, 8, 10, 12] and steps == list(range(1, 13))
+        assert lines[0]["val_per_layer_mse"] == result["mse_before"]
+        final = load_safetensors_bytes(reference.read_bytes(f"{folder}/final.safetensors"))
+        assert sorted(final) == sorted(f"layers.{i}.{name}" for i in layers
+                                       for name in ("feature_map_k.weight", "feature_map_q.weight", "window_logit"))
+        assert final[f"layers.{layers[0]}.feature_map_q.weight"].shape == (4, 16, 8)
+        assert reference.exists(f"{folder}/checkpoint.pt")
+    summary = reference.read_json("blocks/summary.json")
+    assert len(summary["collect"]) == 2 and len(summary["transfer"]) == 2
+
+
+def test_stitch_writes_the_stage_two_contract(reference):
+    state = load_safetensors_bytes(reference.read_bytes(STITCHED_WEIGHTS))
+    assert len(state) == 12
+    for block in (0, 1):
+        final = load_safetensors_bytes(reference.read_bytes(f"blocks/B{block:03d}/final.safetensors"))
+        for key, value in final.items():
+            assert torch.equal(state[key], value), key
+    meta = reference.read_json(STITCHED_META)
+    assert meta["attention"] == TINY["attention"] and meta["model"]["name"] == "tiny-random"
+    assert meta["layers"] == 4 and meta["converted_layers"] == [0, 1, 2, 3] and len(meta["base_model_sha256"]) == 64
+    mse = reference.read_json(TRANSFER_MSE_JSON)
+    assert mse["layers"] == [0, 1, 2, 3] and sum(mse["mse_after"]) < sum(mse["mse_before"])
+    assert reference.read_bytes(TRANSFER_MSE_PNG)[:8] == b"\x89PNG\r\n\x1a\n"
+    # Stage 2 loads it: the teacher with those layers converted and the trained feature maps in place.
+    from pipeline.finetune import load_stitched
+
+    stitched = load_stitched(reference)
+    assert stitched.layers == [0, 1, 2, 3]
+    layer = stitched.model.model.layers[3].self_attn
+    assert torch.equal(layer.feature_map_k.weight, state["layers.3.feature_map_k.weight"])
+
+
+def test_rerun_does_nothing_and_other_configs_are_refused(reference, tiny_config, tmp_path):
+    files = {p: os.stat(p).st_mtime_ns for p in _files(reference.root)}
+    run_pipeline(tiny_config, reference.url, until="stitch")
+    resume(reference.url, until="stitch")
+    assert {p: os.stat(p).st_mtime_ns for p in _files(reference.root)} == files
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "seed": 1}))
+    with pytest.raises(RunError, match="different run"):
+        run_pipeline(other, reference.url)
+    with pytest.raises(RunError, match="nothing to resume"):
+        resume(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="unknown field"):
+        parse_faults("transfer:blok=1")
+
+
+def _files(root):
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+
+
+def test_collect_rewrites_only_missing_and_corrupt_shards(reference, tmp_path):
+    """A boundary left unfinished by a crash: one indexed shard damaged, one written but never indexed.
+    Collect verifies, rewrites those two, keeps the rest, and ends with the same bytes."""
+    run = RunDir(str(tmp_path / "copy"))
+    shutil.copytree(reference.root, run.root)
+    cache = BoundaryCache(run, "train")
+    original = {i: open(cache.shard_path(2, i), "rb").read() for i in range(6)}
+    with open(cache.shard_path(2, 1), "r+b") as f:  # flip one byte of the hidden states
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    cache.invalidate(2, [4])  # shard 4 on disk but not in the index: the crash came between the two writes
+    untouched = {i: os.stat(cache.shard_path(2, i)).st_mtime_ns for i in (0, 2, 3, 5)}
+    stats = collect_boundary(run.url, 1)
+    assert stats["status"] == "ok"
+    assert stats["regenerated"] == [["train", 1]]
+    assert (stats["shards_written"], stats["shards_skipped"]) == (2, 5)  # 6 train + 1 validation shards
+    assert cache.is_complete(2) and cache.verify(2) == []
+    for i in range(6):
+        assert open(cache.shard_path(2, i), "rb").read() == original[i], i
+    assert {i: os.stat(cache.shard_path(2, i)).st_mtime_ns for i in (0, 2, 3, 5)} == untouched
