@@ -107,9 +107,14 @@ def load_adapter_files(model: nn.Module, files: dict[str, bytes], trainable: boo
     if missing:
         raise ValueError(f"files: the adapter lacks {missing}; expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     targets = json.loads(files[ADAPTER_CONFIG]).get("target_modules") or []
-    expected_targets = lora_target_modules(model)
-    if sorted(targets) != sorted(expected_targets):
-        raise ValueError(f"files: the adapter targets {sorted(set(targets) ^ set(expected_targets))[:3]} ... that "
+    targets = [targets] if isinstance(targets, str) else targets
+    # PEFT may save the target list shortened to name suffixes ('k_proj') when they select the same modules,
+    # so compare the modules the saved list selects, not the list itself.
+    projections = [name for name, _ in model.named_modules() if name.rpartition(".")[2] in PROJECTIONS]
+    selected = {name for name in projections if any(name == t or name.endswith("." + t) for t in targets)}
+    expected_targets = set(lora_target_modules(model))
+    if selected != expected_targets:
+        raise ValueError(f"files: the adapter targets {sorted(selected ^ expected_targets)[:3]} ... that "
                          "are not (or not all of) this model's converted q/k/v/o; was it trained on a model "
                          "converted at the same layers?")
     with tempfile.TemporaryDirectory() as tmp:
