@@ -53,3 +53,35 @@ def smollm2_dir():
     """The real SmolLM2-135M-Instruct as a Hugging Face directory (converted once into the asset cache)."""
     from pipeline.assets import ensure_smollm2
     return ensure_smollm2()
+
+
+# A 4-layer random Llama run config (k = 2: two blocks) that the pipeline, resume and Ray Jobs tests run in seconds.
+TINY_RUN = {
+    "model": {"name": "tiny-random", "architecture": "LlamaForCausalLM", "weights": "random", "seed": 0,
+              "hf_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+                            "max_position_embeddings": 256}},
+    "attention": {"window_size": 8, "window_kind": "terrace", "feature_dim": 8, "gamma_init": 0.1},
+    "data": {"seq_len": 32, "validation_sequences": 4, "eval_seq_len": 32, "eval_sequences": 2},
+    "transfer": {"train_tokens": 48 * 32, "layers_per_block": 2, "lr": 1e-2, "micro_batch_size": 2, "grad_accum": 2,
+                 "eval_every": 2, "patience": 10, "checkpoint_every": 2},
+    "cluster": {"name": "local", "address": "local", "num_gpus": 0, "num_cpus": 2},
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module (startup costs 5-9 s on the CI machine)."""
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    import yaml
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RUN))
+    return path

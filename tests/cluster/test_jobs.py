@@ -21,22 +21,13 @@ import yaml
 
 from pipeline import jobs
 from pipeline.rundir import RunDir
+from tests.conftest import TINY_RUN
 
 pytestmark = pytest.mark.slow  # ~40-70 s on the 2-core CI machine; part of the default run all the same
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {
-    "model": {"name": "tiny-random", "architecture": "LlamaForCausalLM", "weights": "random", "seed": 0,
-              "hf_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
-                            "max_position_embeddings": 256}},
-    "attention": {"window_size": 8, "window_kind": "terrace", "feature_dim": 8, "gamma_init": 0.1},
-    "data": {"seq_len": 32, "validation_sequences": 4, "eval_seq_len": 32, "eval_sequences": 2},
-    "transfer": {"train_tokens": 16 * 32, "layers_per_block": 2, "lr": 1e-2, "micro_batch_size": 2, "grad_accum": 2,
-                 "eval_every": 2, "patience": 10, "checkpoint_every": 2},
-    "cluster": {"name": "local", "address": "local", "num_gpus": 0, "num_cpus": 2},
-    "seed": 0,
-}
+# Fewer training rows than the pipeline tests: the job only has to finish.
+TINY = {**TINY_RUN, "transfer": {**TINY_RUN["transfer"], "train_tokens": 16 * 32}}
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-import ray
 import torch
 import yaml
 from safetensors.torch import load as load_safetensors_bytes
@@ -18,33 +17,10 @@ from pipeline.run import RunError, resume, run_pipeline
 from pipeline.stages import (STITCHED_META, STITCHED_WEIGHTS, TRANSFER_MSE_JSON, TRANSFER_MSE_PNG, collect_boundary,
                              parse_faults, read_tokens)
 
+from tests.conftest import TINY_RUN as TINY  # noqa: E402
+
 SHARD_BYTES = 32 * 1024  # 8 rows of 32 tokens x 64 dims in bf16: 48 train rows -> 6 shards
-TINY = {
-    "model": {"name": "tiny-random", "architecture": "LlamaForCausalLM", "weights": "random", "seed": 0,
-              "hf_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-                            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
-                            "max_position_embeddings": 256}},
-    "attention": {"window_size": 8, "window_kind": "terrace", "feature_dim": 8, "gamma_init": 0.1},
-    "data": {"seq_len": 32, "validation_sequences": 4, "eval_seq_len": 32, "eval_sequences": 2},
-    "transfer": {"train_tokens": 48 * 32, "layers_per_block": 2, "lr": 1e-2, "micro_batch_size": 2, "grad_accum": 2,
-                 "eval_every": 2, "patience": 10, "checkpoint_every": 2},
-    "cluster": {"name": "local", "address": "local", "num_gpus": 0, "num_cpus": 2},
-    "seed": 0,
-}
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
 
 
 @pytest.fixture(scope="module")
