@@ -269,6 +269,12 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lr: float = 1e-4
+    schedule: str = "plateau"
+    """'plateau' (ReduceLROnPlateau x0.1 on eval loss, as the paper) or 'cosine' (after warmup_steps)."""
+    warmup_steps: int = 0
+    min_lr: float = 1e-5
+    patience: int = 10
+    """Evaluations without improvement before the plateau schedule lowers the LR."""
     zero_stage: int = 2
     micro_batch_size: int = 1
     grad_accum: int = 8
@@ -277,6 +283,11 @@ class FinetuneConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("plateau", "cosine"):
+            raise ConfigError(f"finetune.schedule: {self.schedule!r} is not one of ['plateau', 'cosine']")
+        if self.warmup_steps < 0 or self.patience <= 0 or self.min_lr < 0:
+            raise ConfigError(f"finetune: warmup_steps ({self.warmup_steps}) and min_lr ({self.min_lr}) must be "
+                              f">= 0 and patience ({self.patience}) > 0")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"finetune.zero_stage: {self.zero_stage} is not supported; use 2 or 3")
         if self.lora_r <= 0:

@@ -197,8 +197,8 @@ def train_options(run: RunDir, config: RunConfig, plan: dict, use_gpu: bool, **e
     return TrainOptions(
         run_url=run.url, zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
         global_batch=plan["global_batch"], total_steps=plan["total_steps"], lr=cfg.lr,
-        schedule=getattr(cfg, "schedule", "plateau"), warmup_steps=getattr(cfg, "warmup_steps", 0),
-        min_lr=getattr(cfg, "min_lr", 1e-5), patience=getattr(cfg, "patience", 10), grad_clip=cfg.grad_clip,
+        schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+        min_lr=cfg.min_lr, patience=cfg.patience, grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
         lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}, seed=config.seed,
         use_gpu=use_gpu, **extra)

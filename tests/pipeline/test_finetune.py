@@ -28,19 +28,12 @@ ENV = {"PYTHONPATH": str(finetune.PROJECT_ROOT)}
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
-def groups(ray_session):
+def groups(ray_local):
     """Live worker groups by world size, recreated when a test killed one (half a CPU each: 3 fit in 2)."""
     live: dict[int, DeepSpeedWorkerGroup] = {}
 
