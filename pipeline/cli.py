@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                       "workers; resumable, also with another worker count"),
     "export": ("pipeline.export", "write the converted model as a Hugging Face directory (LoRA merged; loads with "
                                   "trust_remote_code; --no-merge keeps the adapter)"),
+    "eval": ("pipeline.evaluate", "evaluate a run, an exported model or a preset against the teacher and sliding "
+                                  "window + sinks: perplexity by position, zero-shot, passkey, linear mass; gate"),
     "generate": ("pipeline.generate", "generate text from a run or an exported model (--prompt or --chat), streamed"),
     "hyper": ("pipeline.hyper", "patch HyperAttention into chosen layers (training-free) and measure perplexity "
                                 "versus the number of patched layers"),

@@ -296,6 +296,55 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
 
 
+EVAL_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """The eval stage and `linearize eval`: held-out perplexity by position (data.eval_seq_len x
+    data.eval_sequences Brown documents), zero-shot tasks, passkey retrieval, throughput, the linear-mass
+    diagnostic, and the gate the converted model must pass against the teacher and SWA+sinks baselines."""
+
+    baselines: bool = True
+    """Also measure the teacher and the training-free sliding window + sinks, in the same run."""
+    swa_window: int = 64
+    swa_sinks: int = 4
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
+    task_limit: int | None = 200
+    """Items per 0-shot task (seeded sample, the same for every model); null = all."""
+    mmlu_limit: int | None = 10
+    """MMLU questions per subject (57 subjects, 5-shot prompts of ~720 tokens); null = all 14,042."""
+    passkey_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    passkey_trials: int = 10
+    batch_size: int = 8
+    max_perplexity_ratio: float = 1.05
+    """Gate: overall held-out perplexity <= this x the teacher's."""
+    max_late_perplexity_ratio: float = 1.08
+    """Gate: perplexity at positions 1024-2048 (the last bucket measured) <= this x the teacher's."""
+    max_accuracy_drop: float = 1.0
+    """Gate: mean zero-shot accuracy (points) at most this far below the teacher's."""
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in EVAL_TASKS]
+        if unknown:
+            raise ConfigError(f"eval.tasks: {unknown} unknown; choose from {list(EVAL_TASKS)} (or [] for none)")
+        for key in ("task_limit", "mmlu_limit"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"eval.{key}: must be positive or null (all items), got {getattr(self, key)}")
+        if any(length < 64 for length in self.passkey_lengths):
+            raise ConfigError(f"eval.passkey_lengths: {self.passkey_lengths} has a length below 64 tokens; the "
+                              "needle and the question alone take ~40")
+        for key in ("swa_window", "passkey_trials", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"eval.{key}: must be positive, got {getattr(self, key)}")
+        if self.swa_sinks < 0:
+            raise ConfigError(f"eval.swa_sinks: must be >= 0, got {self.swa_sinks}")
+        if min(self.max_perplexity_ratio, self.max_late_perplexity_ratio) < 1.0 or self.max_accuracy_drop < 0:
+            raise ConfigError("eval: max_perplexity_ratio and max_late_perplexity_ratio must be >= 1 and "
+                              f"max_accuracy_drop >= 0, got {self.max_perplexity_ratio}, "
+                              f"{self.max_late_perplexity_ratio}, {self.max_accuracy_drop}")
+
+
 @dataclass(kw_only=True)
 class ClusterConfig:
     """Where the work runs: a local Ray instance or a Ray cluster address, and its limits for the planner."""
@@ -322,6 +371,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
     run_dir: str | None = None
@@ -457,7 +507,7 @@ def load_cluster_config(value: str | dict) -> ClusterConfig:
 
 
 _RECIPE_SECTIONS = {"attention": AttentionConfig, "data": DataConfig, "transfer": TransferConfig,
-                    "finetune": FinetuneConfig}
+                    "finetune": FinetuneConfig, "eval": EvalConfig}
 _RUN_KEYS = ("model", "recipe", "cluster", "seed", "run_dir", *_RECIPE_SECTIONS)
 
 

