@@ -38,6 +38,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", ".device", ".devstage", ".cache", ".pytest_cache",
                         "**/__pycache__", "*.egg-info", "build"]
+AGENT_WAIT_S = 60.0
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
@@ -68,8 +69,18 @@ def submit(config_path: str | Path, address: str | None = None, *, run_dir: str 
         args += ["--shard-size", shard_size]
     runtime_env = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES,
                    "env_vars": {**JOB_ENV, CONFIG_ENV: run_config_to_yaml(config)}}
-    return _client(address).submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env, submission_id=job_id,
-                                       metadata={"run_dir": run_url, "config": str(config_path)})
+    client = _client(address)
+    # A head that has just started answers HTTP before its node agent can take jobs; Ray then says
+    # "No available agent to submit job, please try again later". Do that, for up to AGENT_WAIT_S.
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env, submission_id=job_id,
+                                     metadata={"run_dir": run_url, "config": str(config_path)})
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def job_info(job_id: str, address: str | None = None):
