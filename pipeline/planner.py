@@ -453,6 +453,7 @@ def plan_to_dict(p: Plan) -> dict:
         "host_bytes_per_node": round(c.host_total) if c else None,
         "shard_rows": shard_rows(p.model, p.workload),
         "predicted_times_s": {key: round(v, 3) for key, v in c.times.items()} if c else None,
+        "cost": cost(p) if c else None,
     }
     return {
         **chosen,
@@ -540,6 +541,46 @@ def _infeasible_summary(p: Plan) -> str:
     return " ".join(parts)
 
 
+# Published wall times of the LoLCATs paper (Llama 3.1 405B, 20M + 20M tokens), shown beside our predictions.
+PAPER_COSTS = {"llama3.1-405b": {"stage 1": (5.0, 14), "stage 2 (LoRA)": (16.0, 24)}}
+
+
+def lora_stage_s(model: ModelConfig, workload: Workload, hardware: Hardware, gpus: int) -> float:
+    """FLOP-bound lower bound of stage 2 over the same tokens: the forward (2N FLOPs per token) and the backward's
+    activation gradients (2N; the frozen base needs no weight gradients and LoRA's are negligible), spread over
+    all GPUs at the measured decoder-layer rate. ZeRO-3 communication and recomputation come on top."""
+    params = model.num_layers * model.params_per_layer
+    return 4 * params * workload.tokens * workload.epochs / (max(gpus, 1) * hardware.layer_tflops * 1e12)
+
+
+def cost(p: Plan) -> dict:
+    """GPU-hours of the chosen plan's stage 1 and of stage 2's lower bound, with the paper's where published."""
+    c, gpus = p.chosen, max(p.limits.gpus, 1)
+    stage2_s = lora_stage_s(p.model, p.workload, p.hardware, p.limits.gpus)
+    out = {"stage 1": {"wall_h": c.wall_s / HOUR, "gpus": gpus, "gpu_hours": c.wall_s / HOUR * gpus},
+           "stage 2 (LoRA)": {"wall_h": stage2_s / HOUR, "gpus": gpus, "gpu_hours": stage2_s / HOUR * gpus,
+                              "lower_bound": True}}
+    for stage, (hours, paper_gpus) in PAPER_COSTS.get(p.model.name, {}).items():
+        out[stage]["paper"] = {"wall_h": hours, "gpus": paper_gpus, "gpu_hours": hours * paper_gpus}
+    return out
+
+
+def _cost_lines(p: Plan) -> list[str]:
+    lines = []
+    for stage, value in cost(p).items():
+        kind = "FLOP-bound lower bound: " if value.get("lower_bound") else ""
+        line = (f"  cost, {stage}: {kind}{value['wall_h']:.2f} h × {value['gpus']} GPUs = "
+                f"{value['gpu_hours']:.1f} GPU-hours")
+        if "paper" in value:
+            paper = value["paper"]
+            line += (f" (LoLCATs paper: {paper['wall_h']:g} h on {paper['gpus']} H100s = "
+                     f"{paper['gpu_hours']:g} GPU-hours)")
+        lines.append(line)
+    lines.append("  (the time constants came out 6-16x optimistic against a measured SmolLM2 run, docs/results.md "
+                 "section 5; recalibrate from a measured run before trusting hours)")
+    return lines
+
+
 def format_plan(p: Plan, all_rows: bool = False) -> str:
     m, w, lim, hw = p.model, p.workload, p.limits, p.hardware
     workers = f"{lim.gpus} GPUs" if lim.gpus else "1 CPU worker"
@@ -586,6 +627,7 @@ def format_plan(p: Plan, all_rows: bool = False) -> str:
                f"{t['block_hybrid_s'] / HOUR:.2f} h"
                f" + score-map passes {t['block_map_passes_s'] / HOUR:.2f} h + reads {t['block_io_s'] / HOUR:.2f} h"
                f" = {t['block_s'] / HOUR:.2f} h; × {c.waves} wave(s) = {t['transfer_s'] / HOUR:.2f} h")
+    out += _cost_lines(p)
     return "\n".join(out)
 
 

@@ -62,6 +62,28 @@ def test_paper_405b_setting(capsys):
     assert "frozen weights" in text and "saved activations" in text and "k=10: GPU memory" in text
 
 
+@pytest.mark.parametrize("gpus", [14, 24])
+def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
+    """Issue 8, item 4: the schedule's cost in GPU-hours, and stage 2's FLOP-bound lower bound, next to the
+    LoLCATs paper's published times (stage 1: 5 h on 14 H100s; LoRA: 16 h on 24 H100s)."""
+    argv = [a if a != "14" else str(gpus) for a in PAPER_405B]
+    code, result = run_json(argv, capsys)
+    assert code == 0
+    stage1, stage2 = result["cost"]["stage 1"], result["cost"]["stage 2 (LoRA)"]
+    wall_s = result["predicted_times_s"]["collect_s"] + result["predicted_times_s"]["transfer_s"]
+    assert stage1["gpus"] == gpus and stage1["gpu_hours"] == pytest.approx(wall_s / 3600 * gpus, rel=1e-3)
+    assert stage1["paper"] == {"wall_h": 5.0, "gpus": 14, "gpu_hours": 70.0}
+    assert stage2["paper"] == {"wall_h": 16.0, "gpus": 24, "gpu_hours": 384.0}
+    # 4 x 405B params x 20M tokens at the preset's layer rate on all GPUs: independent of the GPU count in GPU-hours.
+    params = 126 * result["model"]["params_per_layer"]
+    expected = 4 * params * 20_000_000 / (result["hardware"]["layer_tflops"] * 1e12) / 3600
+    assert stage2["lower_bound"] and stage2["gpu_hours"] == pytest.approx(expected, rel=1e-6)
+    assert main(parse(argv)) == 0
+    text = capsys.readouterr().out
+    assert f"cost, stage 1: {stage1['wall_h']:.2f} h × {gpus} GPUs" in text
+    assert "LoLCATs paper: 16 h on 24 H100s = 384 GPU-hours" in text
+
+
 def test_more_gpus_or_less_disk_moves_k(capsys):
     _, wide = run_json(PAPER_405B + ["--gpus", "24"], capsys)
     assert wide["k"] < 9 and wide["waves"] == 1 and wide["num_blocks"] <= 24
