@@ -189,10 +189,13 @@ def _measure(candidate: Candidate, tokenizer, sequences: torch.Tensor, settings,
     progress(f"{candidate.name}: perplexity on {tuple(sequences.shape)} held-out tokens")
     out["held_out"] = perplexity(model, sequences, batch_size=settings.batch_size, desc=f"{candidate.name} ppl",
                                  device=device).to_dict()
-    if candidate.hybrid:
+    if candidate.hybrid and _has_hybrid_modules(model):
         progress(f"{candidate.name}: linear-mass diagnostic")
         mass = linear_mass_by_layer(model, sequences[: max(1, min(4, len(sequences)))], device=device)
         out["linear_mass"] = {str(k): v for k, v in mass.items()}
+    elif candidate.hybrid:
+        # An exported directory runs its own copy of the attention (remote code), which has no hooks for this.
+        out["linear_mass"] = None
     if tokenizer is not None and settings.tasks:
         from .zero_shot import evaluate_zero_shot
 
@@ -209,6 +212,15 @@ def _measure(candidate: Candidate, tokenizer, sequences: torch.Tensor, settings,
                                           device=device, generate_fn=candidate.generate)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+def _has_hybrid_modules(model) -> bool:
+    from blocks.convert import NoMatchingLayerError
+
+    try:
+        return bool(hybrid_modules(model))
+    except NoMatchingLayerError:
+        return False
 
 
 def _zero_shot_mean(result: dict) -> float | None:

@@ -128,3 +128,22 @@ def test_strict_exit_status_and_the_pipeline_stage(tiny_run, tmp_path):
     run.write_text("run.yaml", text)
     out = evaluate_run(tiny_run.url, device="cpu")
     assert json.loads(run.read_text("eval/results.json"))["models"].keys() == out["models"].keys()
+
+
+def test_evaluate_an_exported_directory_and_a_preset(tiny_run, tmp_path, capsys):
+    """An exported directory is measured as `converted` (its base model 'tiny' is no preset here, so no
+    baselines, said on stderr); a model preset gives the baselines alone."""
+    from pipeline.export import export_run
+
+    export = export_run(tiny_run.url, str(tmp_path / "export"))
+    settings = EvalConfig(tasks=[], passkey_lengths=[])
+    results = evaluate(export, settings, seq_len=40, num_sequences=2, device="cpu")
+    assert results["kind"] == "export" and list(results["models"]) == ["converted"]
+    assert results["models"]["converted"]["linear_mass"] is None  # remote code: no hooks for the diagnostic
+    assert "no baselines" in capsys.readouterr().err
+    preset = evaluate("smollm2-135m", settings, seq_len=80, num_sequences=1, device="cpu")
+    assert preset["kind"] == "preset" and list(preset["models"]) == ["teacher", "swa64+4sinks"]
+    assert preset["gate"]["passed"] is None
+    with pytest.raises(ValueError, match="baselines"):
+        evaluate("smollm2-135m", EvalConfig(tasks=[], passkey_lengths=[], baselines=False), seq_len=8,
+                 num_sequences=1, device="cpu")
