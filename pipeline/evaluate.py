@@ -483,8 +483,18 @@ def evaluate_run(run_url: str, device: str | None = None, items_file: str | None
     """The pipeline's eval stage: measure the run with its config's eval and data settings; RUN/eval/."""
     from .rundir import RunDir
 
+    from .models import model_directory
+
     run = RunDir(run_url)
     config = read_run_config(run)
+    if model_directory(config.model) is None:
+        # Random weights at a published shape (scale runs): quality means nothing there, and the whole teacher
+        # would have to fit one device, which block-wise runs exist to avoid.
+        note = {"skipped": f"model {config.model.name} has random weights: no quality to measure"}
+        run.write_bytes("eval/results.json", json.dumps(note, indent=2).encode())
+        print(f"eval: {note['skipped']}", flush=True)
+        return note
+
     def save(partial: dict) -> None:
         run.write_bytes("eval/results.json", json.dumps(partial, indent=2).encode())
 

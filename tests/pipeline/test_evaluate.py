@@ -147,3 +147,13 @@ def test_evaluate_an_exported_directory_and_a_preset(tiny_run, tmp_path, capsys)
     with pytest.raises(ValueError, match="baselines"):
         evaluate("smollm2-135m", EvalConfig(tasks=[], passkey_lengths=[], baselines=False), seq_len=8,
                  num_sequences=1, device="cpu")
+
+
+def test_the_eval_stage_skips_random_weight_models(tmp_path):
+    from pipeline.config import run_config_to_yaml
+
+    run = RunDir(str(tmp_path / "run"))
+    run.write_text(RunDir.run_yaml, run_config_to_yaml(resolve_run_config({"model": "llama3.1-70b"})))
+    out = evaluate_run(run.url, device="cpu")
+    assert "random weights" in out["skipped"]
+    assert json.loads(run.read_text("eval/results.json")) == out
