@@ -284,10 +284,12 @@ def plot(results: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     models = results["models"]
+    color = {name: f"C{i}" for i, name in enumerate(models)}  # one colour per model in every panel
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     for name, r in models.items():
         buckets = r["held_out"]["by_position"]
-        axes[0].plot(list(buckets), list(buckets.values()), marker="o", label=f"{name} ({r['held_out']['perplexity']:.2f})")
+        axes[0].plot(list(buckets), list(buckets.values()), marker="o", color=color[name],
+                     label=f"{name} ({r['held_out']['perplexity']:.2f})")
     axes[0].set_yscale("log")
     axes[0].set(title="held-out perplexity by position", xlabel="positions", ylabel="perplexity (log)")
     axes[0].legend(fontsize=8)
@@ -296,7 +298,8 @@ def plot(results: dict) -> bytes:
     for i, (name, r) in enumerate(models.items()):
         zero_shot = r.get("zero_shot") or {}
         axes[1].bar([j + i * width for j in range(len(tasks))],
-                    [100 * zero_shot[t]["value"] if t in zero_shot else 0 for t in tasks], width, label=name)
+                    [100 * zero_shot[t]["value"] if t in zero_shot else 0 for t in tasks], width, label=name,
+                    color=color[name])
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20, fontsize=8)
     axes[1].set(title="zero-shot accuracy", ylabel="%")
     if not tasks:
@@ -305,7 +308,7 @@ def plot(results: dict) -> bytes:
         mass = r.get("linear_mass") or {}
         if mass:
             axes[2].plot([int(k) for k in mass], [100 * v["linear_share"] for v in mass.values()], marker=".",
-                         label=name)
+                         label=name, color=color[name])
     axes[2].set(title="share of attention mass in the linear part", xlabel="layer", ylabel="% (positions with a "
                 "linear part)")
     if any(r.get("linear_mass") for r in models.values()):
