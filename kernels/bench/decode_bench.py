@@ -21,7 +21,8 @@ Order of work: (1) correctness on the device: the converted model's recurrent de
 quadratic forward (logits, bf16 tolerance) and the script stops if not; (2) for each batch size, a memory
 probe that brings the cache to its final size quickly (teacher: the 4096 new positions prefilled in chunks;
 converted: a few windows of decode, its state being constant afterwards); (3) the timed decode at the sizes
-that fit (all of them, or --timed-batches). A batch that runs out of memory ends the doubling for that mode.
+that fit (all of them, or --timed-batches): the whole generation, or with --timed-steps N, N steps at
+mid-generation (sampled_decode says why that is the whole generation's mean). A batch that runs out of memory ends the doubling for that mode.
 Results are printed as they come and written (JSON, with the device name) after every measurement, so a
 command stopped at its time limit keeps what it measured. --budget-s skips timed runs predicted to overrun.
 """

@@ -1,6 +1,7 @@
 """`linearize eval` (pipeline/evaluate.py): the gate's verdicts, the linear-mass diagnostic, and one whole
 evaluation of a tiny run directory (teacher, SWA+sinks, after stage 1) writing results.json and the plot."""
 
+import argparse
 import json
 
 import pytest
@@ -9,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from blocks.convert import AttentionSettings, convert_model, hybrid_modules
 from pipeline.config import ConfigError, EvalConfig, resolve_run_config
-from pipeline.evaluate import evaluate, evaluate_run, gate, linear_mass_by_layer, main as eval_main, report
+from pipeline.evaluate import (add_arguments, combine, combine_main, evaluate, evaluate_run, gate,
+                               linear_mass_by_layer, main as eval_main, report)
 from pipeline.rundir import RunDir
 from tests.conftest import tiny_llama_config
 from tests.pipeline.tiny_run import make_model_dir, make_tiny_run
@@ -94,14 +96,18 @@ def tiny_run(tmp_path_factory):
     return make_tiny_run(str(base / "run"), make_model_dir(base / "model"))
 
 
+def eval_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
 def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
     """Teacher, SWA+sinks and the stitched model on the same held-out rows (the tiny model has no Brown
     tokenizer fixture, so zero-shot and passkey are off here: their own tests cover them); the files and the gate."""
-    code = eval_main(type("Args", (), dict(
-        source=tiny_run.url, out=str(tmp_path / "out"), seq_len=80, sequences=3, tasks="none", limit=None,
-        mmlu_limit=None, passkey_lengths="none", passkey_trials=None, batch_size=2, no_baselines=False,
-        items_file=None, device="cpu", strict=False))())
-    assert code == 0
+    code = eval_main(eval_args(tiny_run.url, "--out", str(tmp_path / "out"), "--seq-len", "80", "--sequences", "3",
+                               "--tasks", "none", "--passkey-lengths", "none", "--batch-size", "2", "--device", "cpu"))
+    assert code == 0  # the gate fails here, but only --strict turns that into the exit status
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(results["models"]) == ["teacher", "swa64+4sinks", "stage1"]
     teacher, swa, stage1 = (results["models"][k]["held_out"] for k in results["models"])
@@ -110,7 +116,7 @@ def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
     assert swa["by_position"]["0-64"] == pytest.approx(teacher["by_position"]["0-64"], rel=1e-5)
     assert swa["by_position"]["64-128"] != pytest.approx(teacher["by_position"]["64-128"], rel=1e-3)
     assert set(results["models"]["stage1"]["linear_mass"]) == {"0", "1"}
-    assert results["gate"]["model"] == "stage1" and results["gate"]["checks"]
+    assert results["gate"]["model"] == "stage1" and results["gate"]["checks"] and results["gate"]["passed"] is False
     assert (tmp_path / "out" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "gate for stage1" in printed and "swa64+4sinks" in printed
@@ -118,16 +124,53 @@ def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
 
 
 def test_strict_exit_status_and_the_pipeline_stage(tiny_run, tmp_path):
+    """--strict exits 1 when the gate fails (the tiny stitched model is far from its teacher); the pipeline's
+    eval stage measures with the run's own eval settings and writes RUN/eval/."""
+    args = ["--seq-len", "80", "--sequences", "2", "--tasks", "none", "--passkey-lengths", "none", "--device", "cpu"]
+    assert eval_main(eval_args(tiny_run.url, "--out", str(tmp_path / "strict"), "--strict", *args)) == 1
+    results = json.loads((tmp_path / "strict" / "results.json").read_text())
+    assert results["gate"]["passed"] is False
+    only_stage1 = evaluate(tiny_run.url, EvalConfig(tasks=[], passkey_lengths=[], baselines=False), seq_len=24,
+                           num_sequences=2, device="cpu")
+    assert list(only_stage1["models"]) == ["stage1"] and only_stage1["gate"]["passed"] is None
+
+    from pipeline.config import run_config_to_yaml
+    from pipeline.stages import read_run_config
+
     run = RunDir(tiny_run.url)
-    results = evaluate(tiny_run.url, EvalConfig(tasks=[], passkey_lengths=[], baselines=False), seq_len=24,
-                       num_sequences=2, device="cpu")
-    assert list(results["models"]) == ["stage1"] and results["gate"]["passed"] is None
-    text = run.read_text("run.yaml").replace("passkey_lengths:\n  - 512\n  - 1024\n  - 2048", "passkey_lengths: []")
-    text = text.replace("  tasks:\n  - piqa\n  - arc_easy\n  - arc_challenge\n  - hellaswag\n  - winogrande\n  - mmlu",
-                        "  tasks: []")
-    run.write_text("run.yaml", text)
+    config = read_run_config(run)
+    config.eval = EvalConfig(tasks=[], passkey_lengths=[])
+    config.data.eval_seq_len, config.data.eval_sequences = 40, 2
+    run.write_text(RunDir.run_yaml, run_config_to_yaml(config))
     out = evaluate_run(tiny_run.url, device="cpu")
+    assert list(out["models"]) == ["teacher", "swa64+4sinks", "stage1"]
+    assert out["models"]["teacher"]["held_out"]["tokens"] == 2 * 39
     assert json.loads(run.read_text("eval/results.json"))["models"].keys() == out["models"].keys()
+    assert run.read_bytes("eval/eval.png")[:4] == b"\x89PNG"
+
+
+def test_combine_puts_runs_beside_one_set_of_baselines(tmp_path, capsys):
+    teacher = model_result(10.0, {"0-64": 20.0}, acc=0.70)
+    swa = model_result(12.0, {"0-64": 20.0}, acc=0.66)
+    common = {"device": "gpu", "dtype": "bfloat16", "held_out": {"seq_len": 64}, "settings": {
+        **{k: v for k, v in EvalConfig().__dict__.items()}}}
+    baselines = {**common, "models": {"teacher": teacher, "swa64+4sinks": swa,
+                                      "stage1": model_result(15.0, {"0-64": 20.0}, acc=0.6, hybrid=True)}}
+    other = {**common, "models": {"stage1": model_result(11.0, {"0-64": 20.0}, acc=0.69, hybrid=True),
+                                  "stage2": model_result(10.2, {"0-64": 20.0}, acc=0.699, hybrid=True)}}
+    combined = combine(baselines, [("long", other)])
+    assert list(combined["models"]) == ["teacher", "swa64+4sinks", "long stage1", "long stage2"]
+    assert combined["gate"]["model"] == "long stage2" and combined["gate"]["passed"]
+    with pytest.raises(ValueError, match="other data, settings or device"):
+        combine(baselines, [("x", {**other, "held_out": {"seq_len": 128}})])
+    with pytest.raises(ValueError, match="no teacher"):
+        combine(other, [("x", other)])
+    (tmp_path / "a.json").write_text(json.dumps(baselines))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert combine_main(["--baselines", str(tmp_path / "a.json"), "--out", str(tmp_path / "out"),
+                         f"{tmp_path / 'b.json'}:long"]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["gate"] == combined["gate"]
+    assert "gate for long stage2: PASSED" in capsys.readouterr().out
 
 
 def test_evaluate_an_exported_directory_and_a_preset(tiny_run, tmp_path, capsys):

@@ -266,3 +266,15 @@ def test_smollm2_is_above_chance_on_piqa(smollm2_dir):
     result = score_items(model, tokenizer, load_items("piqa", limit=40), batch_size=16)
     # The full 1,838 items score about 0.65-0.70; these 40 fixed items are deterministic.
     assert result["acc"] >= 0.6, result
+
+
+def test_items_file_with_a_limit_per_task(tmp_path):
+    """`linearize eval` exports 0-shot tasks and MMLU with different limits (MMLU's counts per subject); loading
+    checks each task against the limit it was exported with."""
+    path = tmp_path / "items.json.gz"
+    counts = export_items(path, tasks=("piqa", "mmlu"), limit={"piqa": 5, "mmlu": 1}, seed=2)
+    assert counts["piqa"] == 5 and counts["mmlu"] == 57
+    assert load_items("piqa", limit=5, seed=2, items_file=path) == load_items("piqa", limit=5, seed=2)
+    assert load_items("mmlu", limit=1, seed=2, items_file=path) == load_items("mmlu", limit=1, seed=2)
+    with pytest.raises(ValueError, match="exported with limit=5"):
+        load_items("piqa", limit=6, seed=2, items_file=path)
