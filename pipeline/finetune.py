@@ -22,6 +22,18 @@ RUN/finetune/ (everything a resume needs, none of it tied to the number of worke
 A resume with N' workers re-splits the same global batch: grad_accum' = global batch / (micro batch x N').
 Randomness (LoRA dropout) is reseeded from (seed, step, global micro-batch slot) before every micro-batch,
 so it depends neither on the world size nor on where a run was interrupted.
+
+Building the model: under ZeRO-2 every rank builds the whole stitched model (load_stitched). Under ZeRO-3 it is
+built already partitioned (load_stitched_partitioned): the base model is constructed inside deepspeed.zero.Init,
+so each parameter is split across the ranks as soon as its module exists, and then filled one tensor at a
+time, each by one owner rank (round-robin, so the ranks generate or read their tensors in parallel) that
+broadcasts it into the partitions. No rank ever holds more than its share plus one full tensor (70B on 4 GPUs:
+35 GB of bf16 weights per GPU, not 140). The result is bit-identical to load_model's.
+
+Fault injection (tests and the GPU scale proof): $LINEARIZE_FAULT (pipeline/stages.py FAULT_ENV) may hold
+`finetune:exit_after=N[:rank=R]` among its `;`-separated specs: rank R (default 0) SIGKILLs itself right after
+optimizer step N (and its checkpoint, if one falls there), once: the marker RUN/faults/finetune-rankR-N.fired
+stops it from firing again when the driver restarts from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -29,10 +41,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +58,7 @@ from blocks.lora import LoraSettings, adapter_files, add_lora, lora_parameters
 
 from .config import ModelConfig, RunConfig
 from .rundir import RunDir
-from .stages import read_run_config
+from .stages import FAULT_ENV, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +87,145 @@ class StitchedModel:
     meta: dict
 
 
-def load_stitched(run: RunDir, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StitchedModel:
-    """The base model with the stitched layers converted and their feature maps and gamma loaded."""
-    from .models import load_model
-
+def _read_stitched(run: RunDir) -> tuple[dict, dict[str, torch.Tensor], list[int], ModelConfig, AttentionSettings]:
+    """stitched.json, the feature maps and gamma (small: every rank loads all of them), their layers."""
     for rel in (STITCHED_META, STITCHED_WEIGHTS):
         if not run.exists(rel):
             raise FileNotFoundError(f"{run.url_of(rel)} does not exist; run the stitch stage first")
     meta = run.read_json(STITCHED_META)
     state = load_safetensors_bytes(run.read_bytes(STITCHED_WEIGHTS))
     layers = sorted({int(key.split(".")[1]) for key in state})
-    model_config = ModelConfig(**meta["model"])
-    settings = AttentionSettings(**meta["attention"])
+    return meta, state, layers, ModelConfig(**meta["model"]), AttentionSettings(**meta["attention"])
+
+
+def load_stitched(run: RunDir, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StitchedModel:
+    """The base model with the stitched layers converted and their feature maps and gamma loaded."""
+    from .models import load_model
+
+    meta, state, layers, model_config, settings = _read_stitched(run)
     model = load_model(model_config, dtype=dtype, device=device)
     convert_model(model, settings, layers=layers)
     load_hybrid_state_dict(model, state)
     return StitchedModel(model, model_config, settings, layers, meta)
+
+
+TensorSource = Callable[[str, torch.Size, torch.dtype], torch.Tensor]
+"""(full parameter name, shape, dtype) -> the full tensor, on CPU."""
+
+
+def _checkpoint_source(directory: Path, names: list[str]) -> TensorSource:
+    """Reads single tensors from a Hugging Face directory's safetensors files (only the headers are read here).
+    Every rank checks that all `names` exist before any collective starts, so a bad checkpoint fails everywhere."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model.weights: {directory} holds no .safetensors files to read the weights from")
+    where = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where.update({key: file for key in f.keys()})
+    missing = [name for name in names if name not in where]
+    if missing:
+        raise ValueError(f"model.weights: {directory} lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
+
+    def read(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        with safe_open(str(where[name]), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"model.weights: {where[name]} holds {name} with shape {tuple(tensor.shape)}, but the "
+                             f"model's config.json makes it {tuple(shape)}")
+        return tensor.to(dtype)
+
+    return read
+
+
+def _fill_partitioned(model: torch.nn.Module, source: TensorSource, rank: int, world_size: int) -> None:
+    """Give every ZeRO-3-partitioned parameter its value, one full tensor at a time (collective).
+
+    Parameters are taken in groups of `world_size`; in a group, rank r makes tensor r (generation and disk reads,
+    the slow part, run on all ranks at once), then each tensor in turn is gathered and its owner's copy is
+    broadcast back into the partitions (GatheredParameters with modifier_rank).
+    """
+    import deepspeed
+
+    named = list(model.named_parameters())  # a tied parameter appears once
+    stray = [name for name, param in named if not hasattr(param, "ds_id")]
+    if stray:
+        raise RuntimeError(f"parameters {stray[:3]} were not partitioned by deepspeed.zero.Init")
+    for first in range(0, len(named), world_size):
+        group = named[first:first + world_size]
+        mine = None
+        if rank < len(group):
+            name, param = group[rank]
+            mine = source(name, param.ds_shape, param.dtype)
+        for owner, (name, param) in enumerate(group):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=owner):
+                if rank == owner:
+                    param.data.copy_(mine)
+        mine = None
+
+
+def load_stitched_partitioned(run: RunDir, ds_config: dict, dtype: torch.dtype,
+                              device: torch.device) -> StitchedModel:
+    """load_stitched for ZeRO-3 (collective: every rank calls it): the base model is built inside
+    deepspeed.zero.Init, so its parameters are partitioned across the ranks from the start, then filled with
+    the values load_model gives them (random_value by name, or the safetensors of a Hugging Face directory).
+
+    The converted layers' feature maps and gamma are created outside zero.Init (ordinary parameters, loaded on
+    every rank); deepspeed.initialize partitions them, and PEFT's LoRA, like any parameter it finds unpartitioned.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .models import _rotary, hf_config, model_directory, random_value
+
+    meta, state, layers, model_config, settings = _read_stitched(run)
+    directory = model_directory(model_config)
+    if directory is None:
+        config = hf_config(model_config)
+    else:  # as from_pretrained(directory, attn_implementation="sdpa") configures it
+        config = AutoConfig.from_pretrained(directory)
+        config._attn_implementation = "sdpa"
+    # no_init_weights: transformers' own init would gather every parameter to fill it with values we replace.
+    # memory_efficient_linear off: zero.Init would otherwise replace F.linear with its own autograd function in
+    # this process for good (it is never restored), changing the numerics of every later run in the actor; the
+    # engine's own conversion (ZeRO-2, or ZeRO-3 of an unpartitioned model) never does. The config's value
+    # overrides zero.Init's mem_efficient_linear argument, so it has to be set there.
+    # No dtype argument: zero.Init then takes it from the config (bf16 on GPU, fp32 on CPU); DeepSpeed 0.19.8
+    # ignores an explicit dtype on an accelerator without fp16 (the CPU one) and picks bf16.
+    init_config = {**ds_config, "zero_optimization": {**ds_config["zero_optimization"],
+                                                      "memory_efficient_linear": False}}
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=init_config, enabled=True):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"deepspeed.zero.Init built parameters in {wrong}, not {dtype}; check ds_config's bf16")
+    if config.tie_word_embeddings:
+        model.tie_weights()  # before filling: the tied matrix is then one parameter, filled once
+    if directory is None:
+        source = lambda name, shape, dtype: random_value(model_config.seed, name, shape, dtype)  # noqa: E731
+    else:
+        source = _checkpoint_source(directory, [name for name, _ in model.named_parameters()])
+    _fill_partitioned(model, source, dist.get_rank(), dist.get_world_size())
+    # The rotary buffer as load_model leaves it: built outside zero.Init (whose tensor constructors would cast it),
+    # cast to the model dtype for random weights (load_model's model.to(dtype)), fp32 as from_pretrained keeps it.
+    rotary = _rotary(model_config, config, "cpu")
+    model.model.rotary_emb = rotary.to(device=device, dtype=dtype) if directory is None else rotary.to(device)
+    model.eval()
+    convert_model(model, settings, layers=layers)
+    load_hybrid_state_dict(model, state)
+    return StitchedModel(model, model_config, settings, layers, meta)
+
+
+def _cast_unpartitioned(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters zero.Init did not create (feature maps, gamma, LoRA) to the training dtype, as the
+    DeepSpeed engine does to a model that was not built under zero.Init (and skips for one that was)."""
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,6 +297,41 @@ def accumulation_steps(global_batch: int, micro_batch_size: int, world_size: int
 
 
 # --------------------------------------------------------------------------------------------------
+# Fault injection ($LINEARIZE_FAULT, see the module docstring)
+
+
+@dataclass(frozen=True)
+class FinetuneFault:
+    exit_after: int
+    """The optimizer step after which the rank kills itself."""
+    rank: int = 0
+
+    @property
+    def marker(self) -> str:
+        return f"faults/finetune-rank{self.rank}-{self.exit_after}.fired"
+
+
+def parse_finetune_faults(spec: str | None) -> tuple[FinetuneFault, ...]:
+    """The `finetune:exit_after=N[:rank=R]` items of a LINEARIZE_FAULT spec (other stages' items are skipped)."""
+    faults = []
+    for item in filter(None, (part.strip() for part in (spec or "").split(";"))):
+        stage, *fields = item.split(":")
+        if stage != "finetune":
+            continue
+        values = {}
+        for field_ in fields:
+            key, _, value = field_.partition("=")
+            if key not in ("exit_after", "rank") or not value.strip().isdigit():
+                raise ValueError(f"{FAULT_ENV}: {field_!r} in {item!r} is not exit_after=N or rank=R (non-negative "
+                                 "integers); e.g. finetune:exit_after=10:rank=1")
+            values[key] = int(value)
+        if "exit_after" not in values:
+            raise ValueError(f"{FAULT_ENV}: {item!r} has no exit_after=N; e.g. finetune:exit_after=10:rank=1")
+        faults.append(FinetuneFault(**values))
+    return tuple(faults)
+
+
+# --------------------------------------------------------------------------------------------------
 # Options handed to every worker (plain data: they travel through Ray)
 
 
@@ -183,6 +355,8 @@ class TrainOptions:
     use_gpu: bool = False
     kill_at_step: int | None = None
     """Fault injection for tests: rank 0 SIGKILLs itself after finishing this optimizer step."""
+    faults: tuple[FinetuneFault, ...] = ()
+    """Fault injection from $LINEARIZE_FAULT (each fires once per run directory)."""
     return_weights: bool = False
     """Return every rank's view of the final LoRA weights (tests: equal across ranks)."""
 
@@ -323,22 +497,14 @@ class Stage2Worker:
         import deepspeed
         import torch.distributed as dist
 
+        started = time.perf_counter()
         self.options, self.dist = options, dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.run_dir = RunDir(options.run_url)
         self.grad_accum = accumulation_steps(options.global_batch, options.micro_batch_size, self.world_size)
         self.device = torch.device("cuda", torch.cuda.current_device()) if options.use_gpu else torch.device("cpu")
-
-        stitched = load_stitched(self.run_dir, dtype=torch.bfloat16 if options.use_gpu else torch.float32,
-                                 device=self.device)
-        self.model = add_lora(stitched.model, LoraSettings(**options.lora), seed=options.seed)
-        self.model.config.use_cache = False
-        self.params = lora_parameters(self.model)
-
-        self.step, self.history, self.best, self.best_weights = 0, [], {"loss": math.inf, "step": None}, None
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is not None:
-            weights, moments = self._load_checkpoint(checkpoint)
+        if options.use_gpu:
+            torch.cuda.reset_peak_memory_stats()  # the actor may have run other work before: count this run only
         ds_config = {
             "train_micro_batch_size_per_gpu": options.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum,
@@ -347,6 +513,23 @@ class Stage2Worker:
             "bf16": {"enabled": options.use_gpu},
             "steps_per_print": 10**9,
         }
+
+        dtype = torch.bfloat16 if options.use_gpu else torch.float32
+        if options.zero_stage == 3:
+            stitched = load_stitched_partitioned(self.run_dir, ds_config, dtype, self.device)
+        else:
+            stitched = load_stitched(self.run_dir, dtype=dtype, device=self.device)
+        self.model = add_lora(stitched.model, LoraSettings(**options.lora), seed=options.seed)
+        self.model.config.use_cache = False
+        self.params = lora_parameters(self.model)
+        build_s = time.perf_counter() - started
+
+        self.step, self.history, self.best, self.best_weights = 0, [], {"loss": math.inf, "step": None}, None
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            weights, moments = self._load_checkpoint(checkpoint)
+        if options.zero_stage == 3:
+            _cast_unpartitioned(self.model, dtype)
         # A torch optimizer: a DeepSpeed config optimizer JIT-compiles its CPU/fused kernels (~55 s, stack.md §6).
         optimizer = torch.optim.AdamW(list(self.params.values()), lr=options.lr, weight_decay=0.0)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=list(self.params.values()),
@@ -360,6 +543,10 @@ class Stage2Worker:
         if self.train_rows.shape[0] < options.total_steps * options.global_batch:
             raise ValueError(f"{self.run_dir.url_of(TRAIN_DATA)} holds {self.train_rows.shape[0]} rows, fewer than "
                              f"the plan's {options.total_steps} steps x {options.global_batch}")
+        self.started = started
+        self.stats = {"rank": self.rank, "build_s": build_s, "init_s": time.perf_counter() - started,
+                      "peak_gpu_bytes_after_init": _peak_gpu_bytes(options.use_gpu), "resumed_from_step": self.step,
+                      "steps_run": 0, "train_s": 0.0}
 
     def _load_checkpoint(self, checkpoint: dict) -> tuple[dict, dict]:
         folder = checkpoint["dir"]
@@ -398,6 +585,7 @@ class Stage2Worker:
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch's rows (this rank's micro-batches of it)."""
+        started = time.perf_counter()
         options, step = self.options, self.step
         lr = self.schedule.lr(step)
         for group in self.engine.optimizer.param_groups:
@@ -415,6 +603,8 @@ class Stage2Worker:
         train_loss = torch.stack(losses).mean().reshape(1).double().to(self.device)  # NCCL: GPU tensors only
         self.dist.all_reduce(train_loss)
         self.step += 1
+        self.stats["steps_run"] += 1
+        self.stats["train_s"] += time.perf_counter() - started
         return {"step": self.step, "lr": lr, "train_loss": train_loss.item() / self.world_size,
                 "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "tokens": self.step * options.global_batch * self.train_rows.shape[1]}
@@ -462,11 +652,12 @@ class Stage2Worker:
                 self.save_checkpoint()
             if options.kill_at_step == self.step and self.rank == 0:
                 os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no cleanup, no exception
+            self._fault_point()
 
         final_weights, _ = _gather_full(self.engine, self.params, with_optimizer=False)
         best_weights = self.best_weights if self.best_weights is not None else final_weights
         result = {"steps": options.total_steps, "world_size": self.world_size, "best": self.best,
-                  "history": self.history}
+                  "history": self.history, "ranks": self._rank_stats()}
         if self.rank == 0:
             for name, data in adapter_files(self.model, best_weights).items():
                 self.run_dir.write_bytes(f"{ADAPTER_DIR}/{name}", data)
@@ -476,6 +667,31 @@ class Stage2Worker:
             result["weights"] = _local_view(self.params)
             result["final_weights"] = final_weights
         return result
+
+    def _fault_point(self) -> None:
+        for fault in self.options.faults:
+            if fault.exit_after == self.step and fault.rank == self.rank and not self.run_dir.exists(fault.marker):
+                self.run_dir.write_text(fault.marker, f"pid {os.getpid()}\n")
+                logger.warning("fault injection: finetune rank %d is killed after step %d", self.rank, self.step)
+                os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no cleanup, no exception
+
+    def _rank_stats(self) -> list[dict]:
+        """This attempt's cost on every rank (collective): build and init time, training tokens/s, wall time, peak
+        GPU memory (torch's allocator; None on CPU) and the process's peak host memory."""
+        stats = dict(self.stats)
+        tokens = stats["steps_run"] * self.grad_accum * self.options.micro_batch_size * self.train_rows.shape[1]
+        stats.update({"tokens": tokens, "tokens_per_s": tokens / stats["train_s"] if stats["train_s"] else None,
+                      "wall_s": time.perf_counter() - self.started,
+                      "peak_gpu_bytes": _peak_gpu_bytes(self.options.use_gpu),
+                      # ru_maxrss is in KiB on Linux; it covers the actor's whole life (it may have run other work)
+                      "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+        gathered = [None] * self.world_size
+        self.dist.all_gather_object(gathered, stats)
+        return gathered
+
+
+def _peak_gpu_bytes(use_gpu: bool) -> int | None:
+    return int(torch.cuda.max_memory_allocated()) if use_gpu else None
 
 
 def _local_view(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -497,7 +713,8 @@ def _local_view(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor
 
 
 def run_finetune(run_url: str, *, num_workers: int | None = None, use_gpu: bool | None = None, workers=None,
-                 max_restarts: int = 2, kill_at_step: int | None = None, return_weights: bool = False) -> dict:
+                 max_restarts: int = 2, kill_at_step: int | None = None, return_weights: bool = False,
+                 faults: str | None = None) -> dict:
     """Run (or resume, or return the finished result of) stage 2 for the run directory at `run_url`.
 
     Args:
@@ -507,7 +724,9 @@ def run_finetune(run_url: str, *, num_workers: int | None = None, use_gpu: bool 
             after a failure a fresh group of the same size is made.
         max_restarts: how many times a failed attempt is restarted from the last checkpoint.
         kill_at_step: fault injection (first attempt only): rank 0 is SIGKILLed after this step.
-    Returns: rank 0's summary (steps, best eval, history; with return_weights, every rank's view too).
+        faults: a LINEARIZE_FAULT spec (default: the environment variable); its finetune items apply here.
+    Returns: rank 0's summary (steps, best eval, history, `ranks`: every rank's time and memory for the last
+    attempt; with return_weights, every rank's view of the LoRA weights too).
     """
     from cluster.connect import connect
     from cluster.deepspeed_worker import DeepSpeedWorkerGroup, WorkerGroupError
@@ -515,6 +734,7 @@ def run_finetune(run_url: str, *, num_workers: int | None = None, use_gpu: bool 
     run = RunDir(run_url)
     if run.exists(RESULT) and not return_weights:
         return run.read_json(RESULT)
+    fault_list = parse_finetune_faults(faults if faults is not None else os.environ.get(FAULT_ENV))
     config = read_run_config(run)
     if use_gpu is None:
         use_gpu = config.cluster.num_gpus > 0
@@ -537,7 +757,7 @@ def run_finetune(run_url: str, *, num_workers: int | None = None, use_gpu: bool 
         elif not workers.alive:
             workers = workers.respawn()
         options = train_options(run, config, plan, use_gpu, kill_at_step=kill_at_step if attempt == 0 else None,
-                                 return_weights=return_weights)
+                                 faults=fault_list, return_weights=return_weights)
         try:
             results = workers.run(train_worker, options)
             break

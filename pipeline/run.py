@@ -46,6 +46,7 @@ from .stages import (FAULT_ENV, RESULT, SPLITS, STITCHED_META, STITCHED_WEIGHTS,
                      stitch, transfer_block, write_tokens)
 
 DEFAULT_RUNS_DIR = "runs"
+STAGE_TIMES_JSON = "stage_times.json"
 MAX_REGENERATIONS = 3
 """A shard that fails verification again after this many rewrites stops the run (the storage is failing)."""
 
@@ -299,6 +300,9 @@ def execute(driver: Driver) -> RunDir:
             step(driver)
             run.mark(name, "done")
             driver.timings[f"{name}_s"] = time.perf_counter() - started
+            # Wall seconds of the attempt that finished each stage (a resumed stage counts its last attempt).
+            stage_times = run.read_json(STAGE_TIMES_JSON, default={})
+            run.write_json(STAGE_TIMES_JSON, {**stage_times, name: round(driver.timings[f"{name}_s"], 3)})
         if name == driver.until:
             break
     return run

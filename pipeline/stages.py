@@ -152,7 +152,14 @@ def _setup_worker(device: str, threads: int | None) -> torch.dtype:
         torch.set_num_threads(threads)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device: {device!r}; use 'cpu' or 'cuda'")
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()  # a Ray worker process runs many tasks: count this one's peak only
     return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def peak_gpu_bytes(device: str) -> int | None:
+    """The task's peak of allocated GPU memory (torch's allocator, not the CUDA context), None on CPU."""
+    return None if device == "cpu" else int(torch.cuda.max_memory_allocated())
 
 
 def _no_progress(**_: Any):
@@ -197,8 +204,10 @@ def parse_faults(spec: str | None) -> tuple[Fault, ...]:
     faults = []
     for item in filter(None, (part.strip() for part in (spec or "").split(";"))):
         stage, *fields = item.split(":")
+        if stage == "finetune":  # pipeline.finetune.parse_finetune_faults reads these (exit_after=N[:rank=R])
+            continue
         if stage not in ("collect", "transfer"):
-            raise ValueError(f"{FAULT_ENV}: stage {stage!r} in {item!r} is not 'collect' or 'transfer'")
+            raise ValueError(f"{FAULT_ENV}: stage {stage!r} in {item!r} is not 'collect', 'transfer' or 'finetune'")
         values: dict[str, Any] = {}
         for field in fields:
             key, _, value = field.partition("=")
@@ -400,6 +409,7 @@ def collect_boundary(run_url: str, boundary: int, *, device: str = "cpu", thread
     if bar is not None:
         bar.close()
     stats["seconds"] = time.perf_counter() - started
+    stats["peak_gpu_bytes"] = peak_gpu_bytes(device)
     return stats
 
 
@@ -587,7 +597,7 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
         "attempt": {"resumed_from_micro_step": resumed_from, "tokens": trained, "load_s": load_s,
                     "train_s": timing["train_s"], "eval_s": timing["eval_s"],
                     "tokens_per_s": trained / timing["train_s"] if timing["train_s"] else None,
-                    "wall_s": time.perf_counter() - started},
+                    "wall_s": time.perf_counter() - started, "peak_gpu_bytes": peak_gpu_bytes(device)},
     })
     run.write_json(f"{folder}/{RESULT}", result)  # last: the block is done
     return result

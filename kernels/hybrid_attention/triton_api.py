@@ -9,12 +9,21 @@ naive.recurrent_hybrid_step, which stay the ground truth and the CPU path.
 
 They run on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (tests; slow, fp32 arithmetic).
 
+Launch settings (num_warps, num_stages and the free tile sizes of each kernel) come from one table,
+`DEFAULT_LAUNCH_CONFIGS`, keyed by the (head dim, feature dim) blocks; `launch_configs(...)` overrides
+them for the calls made inside it (the tuner, kernels/bench/hybrid_attention_tune.py, uses that), and
+`load_launch_table(path)` replaces table rows with the ones a tune run wrote.
+
 Shapes: B batch, Hq query heads, Hkv kv heads (GQA: query head h reads kv head h // (Hq // Hkv)),
 T tokens, D head dim, F feature dim, NT = ceil(T / chunk_size) tiles.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import json
 import math
 
 import torch
@@ -29,8 +38,6 @@ from kernels.hybrid_attention.naive import (
 )
 from kernels.hybrid_attention.triton_chunk import (
     INTERPRET,
-    NUM_STAGES,
-    NUM_WARPS,
     _bwd_dkv_linear_kernel,
     _bwd_dkv_window_kernel,
     _bwd_dq_linear_kernel,
@@ -44,6 +51,12 @@ from kernels.hybrid_attention.triton_decode import _hybrid_decode_kernel
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_LAUNCH_CONFIGS",
+    "KERNEL_NAMES",
+    "LaunchConfig",
+    "launch_configs",
+    "load_launch_table",
+    "resolve_launch_configs",
     "HybridAttentionFunction",
     "hybrid_attention_bwd",
     "hybrid_attention_fwd",
@@ -58,6 +71,152 @@ MAX_FEATURE_DIM = 256
 MAX_KEY_SPAN = 32  # key tiles a query tile reads directly (unrolled in the kernels)
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch settings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Launch settings of one kernel. A tile field a kernel does not have stays None (and is ignored).
+
+    block_q: BQ, query rows per step of the key-side backward kernels (bwd_dkv_linear, bwd_dkv_window).
+    block_f: BFS, feature rows per program of the state scans (state_fwd, state_bwd) and per step of the
+        state gradient in bwd_dq_linear.
+    block_d: BDS, value columns per program of the state scans; BDV, value columns per program of decode.
+    Tiles larger than the dimension they cut are clamped to it at launch.
+    """
+
+    num_warps: int = 8
+    num_stages: int = 1
+    block_q: int | None = None
+    block_f: int | None = None
+    block_d: int | None = None
+
+    def __post_init__(self):
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"num_stages must be an int >= 1, got {self.num_stages!r}")
+        for name in ("block_q", "block_f", "block_d"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
+                raise ValueError(f"{name} must be None or a power of two >= 16, got {value!r}")
+
+    def as_dict(self) -> dict:
+        """The fields that are set (JSON form; LaunchConfig(**d) reads it back)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+# The kernels, in launch order (decode separately), as the table and launch_configs(...) name them.
+KERNEL_NAMES = ("state_fwd", "fwd", "bwd_dq_window", "bwd_dq_linear", "state_bwd", "bwd_dkv_linear",
+                "bwd_dkv_window", "decode")
+
+
+def _configs(**overrides: LaunchConfig) -> dict[str, LaunchConfig]:
+    """A full row of the table: the settings below for every kernel, with `overrides` on top."""
+    row = dict(
+        state_fwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64),
+        fwd=LaunchConfig(num_warps=8, num_stages=1),
+        bwd_dq_window=LaunchConfig(num_warps=8, num_stages=1),
+        bwd_dq_linear=LaunchConfig(num_warps=8, num_stages=1, block_f=64),
+        state_bwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64),
+        # A whole tile of query rows per step (BQ = 64) spills less than 32 or 16 (ptxas: 64 / 156 B at
+        # D = 128 against 308 / 188 B with BQ = 32; none at D = 64); 4 warps spill 3-4x more.
+        bwd_dkv_linear=LaunchConfig(num_warps=8, num_stages=1, block_q=64),
+        bwd_dkv_window=LaunchConfig(num_warps=8, num_stages=1, block_q=64),
+        # 8 warps: no spills (4 warps spilled 1.2 KB per thread with a terrace window of 64).
+        decode=LaunchConfig(num_warps=8, num_stages=3, block_d=64),
+    )
+    row.update(overrides)
+    return row
+
+
+# Defaults per (head-dim block, feature-dim block) = (next power of two of D, of F). FALLBACK (other shapes)
+# comes from the offline ptxas report (kernels/bench/ptxas_report.py: no spills, <= 255 registers); the two
+# rows below from an H100 tune run: `python -m kernels.bench.hybrid_attention_tune --emit-table tune.json`
+# prints such rows (per (D, F), the config with the best mean time over both window kinds and T = 2k, 32k),
+# and `load_launch_table` applies a tune JSON at run time instead.
+FALLBACK_LAUNCH_CONFIGS = _configs()
+# From kernels/bench/hybrid_attention_tune_h100.json (docs/results.md section 2).
+DEFAULT_LAUNCH_CONFIGS: dict[tuple[int, int], dict[str, LaunchConfig]] = {
+    (128, 128): _configs(
+        bwd_dkv_window=LaunchConfig(num_warps=8, num_stages=1, block_q=64),
+        bwd_dkv_linear=LaunchConfig(num_warps=8, num_stages=1, block_q=64),
+        fwd=LaunchConfig(num_warps=4, num_stages=1),
+        bwd_dq_window=LaunchConfig(num_warps=4, num_stages=1),
+        bwd_dq_linear=LaunchConfig(num_warps=4, num_stages=1, block_f=64),
+        state_fwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64),
+        state_bwd=LaunchConfig(num_warps=4, num_stages=3, block_f=32, block_d=64),
+    ),
+    (64, 128): _configs(
+        bwd_dkv_window=LaunchConfig(num_warps=4, num_stages=1, block_q=64),
+        bwd_dkv_linear=LaunchConfig(num_warps=4, num_stages=1, block_q=64),
+        fwd=LaunchConfig(num_warps=4, num_stages=1),
+        bwd_dq_window=LaunchConfig(num_warps=4, num_stages=1),
+        bwd_dq_linear=LaunchConfig(num_warps=4, num_stages=1, block_f=64),
+        state_fwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64),
+        state_bwd=LaunchConfig(num_warps=8, num_stages=3, block_f=64, block_d=64),
+    ),
+}
+
+_OVERRIDES: contextvars.ContextVar[dict[str, LaunchConfig]] = contextvars.ContextVar("hybrid_launch_overrides",
+                                                                                     default={})
+
+
+def _check_kernel_names(names) -> None:
+    unknown = sorted(set(names) - set(KERNEL_NAMES))
+    if unknown:
+        raise ValueError(f"unknown kernel name(s) {unknown}; the kernels are {KERNEL_NAMES}")
+
+
+@contextlib.contextmanager
+def launch_configs(**overrides: LaunchConfig):
+    """Override the launch settings of the named kernels for every call made inside the block, e.g.
+
+        with launch_configs(bwd_dkv_window=LaunchConfig(num_warps=4, block_q=16)):
+            y = triton_hybrid_attention(...)   # the settings are fixed at the forward: the backward of
+            y.backward(dy)                     # this y uses them even outside the block
+
+    Nests (inner overrides win); names are those of KERNEL_NAMES.
+    """
+    _check_kernel_names(overrides)
+    for name, config in overrides.items():
+        if not isinstance(config, LaunchConfig):
+            raise ValueError(f"{name} must be a LaunchConfig, got {type(config).__name__}")
+    token = _OVERRIDES.set({**_OVERRIDES.get(), **overrides})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+def resolve_launch_configs(head_dim: int, feature_dim: int) -> dict[str, LaunchConfig]:
+    """The settings every kernel gets for this (D, F): the table row (or the fallback), then overrides."""
+    row = DEFAULT_LAUNCH_CONFIGS.get((_block(head_dim), _block(feature_dim)), FALLBACK_LAUNCH_CONFIGS)
+    return {**row, **_OVERRIDES.get()}
+
+
+def load_launch_table(source) -> dict[tuple[int, int], dict[str, LaunchConfig]]:
+    """Replace rows of DEFAULT_LAUNCH_CONFIGS with those of a tune result: a path to the JSON that
+    kernels/bench/hybrid_attention_tune.py writes, or its parsed dict. Only its "table" entry is read:
+    {"D,F": {kernel: {num_warps, num_stages, block_q, block_f, block_d}}}; kernels missing from a row
+    keep the current settings. Returns the rows applied (process-wide; call once at start-up)."""
+    if not isinstance(source, dict):
+        with open(source) as f:
+            source = json.load(f)
+    if "table" not in source:
+        raise ValueError("source has no 'table' entry; pass the JSON written by kernels.bench.hybrid_attention_tune")
+    applied = {}
+    for key, kernels in source["table"].items():
+        head_block, feature_block = (int(x) for x in key.split(","))
+        _check_kernel_names(kernels)
+        row = DEFAULT_LAUNCH_CONFIGS.get((head_block, feature_block), FALLBACK_LAUNCH_CONFIGS)
+        applied[(head_block, feature_block)] = {**row, **{k: LaunchConfig(**v) for k, v in kernels.items()}}
+    DEFAULT_LAUNCH_CONFIGS.update(applied)
+    return applied
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +264,8 @@ class _Geometry:
         self.num_tiles = triton.cdiv(self.num_tokens, chunk_size)
         self.key_span = key_span(self.num_tiles, chunk_size, window_size, self.terrace)
         self.block_d, self.block_f = _block(self.head_dim), _block(self.feature_dim)
-        # State blocks of at most 64 × 64 fp32 per program of the scans.
-        self.block_fs, self.block_ds = min(self.block_f, 64), min(self.block_d, 64)
+        # Launch settings per kernel, fixed here so that the backward uses those of its forward.
+        self.configs = resolve_launch_configs(self.head_dim, self.feature_dim)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
         self.qk_scale = self.sm_scale * LOG2E
         self.upcast = INTERPRET
@@ -116,16 +275,35 @@ class _Geometry:
         self.state_dot = tl.bfloat16 if bf16_states else tl.float32
         self.state_dtype = torch.bfloat16 if bf16_states else torch.float32
 
-    def constexprs(self) -> dict:
+    def launch(self, kernel: str) -> dict:
+        """num_warps and num_stages of a kernel, as launch keyword arguments."""
+        config = self.configs[kernel]
+        return dict(num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def window_constexprs(self, kernel: str) -> dict:
+        """Constexprs and launch settings of the tiled kernels without features."""
         return dict(WINDOW=self.window_size, TERRACE=self.terrace, KSPAN=self.key_span, BT=self.chunk_size,
-                    BD=self.block_d, BF=self.block_f, UPCAST=self.upcast, PRECISION=self.precision,
-                    STATE_DOT=self.state_dot, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                    BD=self.block_d, UPCAST=self.upcast, PRECISION=self.precision, **self.launch(kernel))
+
+    def feature_constexprs(self, kernel: str) -> dict:
+        """Constexprs and launch settings of the tiled kernels that read features."""
+        return dict(self.window_constexprs(kernel), BF=self.block_f, STATE_DOT=self.state_dot)
+
+    def query_rows(self, kernel: str) -> int:
+        """BQ of a key-side backward kernel: query rows per step, at most a tile."""
+        return min(self.configs[kernel].block_q or 64, self.chunk_size)
+
+    def state_blocks(self, kernel: str) -> tuple[int, int]:
+        """(BFS, BDS) of a state scan: the F × D block of one program."""
+        config = self.configs[kernel]
+        return min(config.block_f or 64, self.block_f), min(config.block_d or 64, self.block_d)
 
     def dims(self) -> tuple:
         return (self.num_tokens, self.num_tiles, self.num_q_heads, self.group, self.head_dim, self.feature_dim)
 
-    def state_grid(self) -> tuple[int, int, int]:
-        return (triton.cdiv(self.feature_dim, self.block_fs), triton.cdiv(self.head_dim, self.block_ds),
+    def state_grid(self, kernel: str) -> tuple[int, int, int]:
+        block_fs, block_ds = self.state_blocks(kernel)
+        return (triton.cdiv(self.feature_dim, block_fs), triton.cdiv(self.head_dim, block_ds),
                 self.batch * self.num_q_heads)
 
 
@@ -140,10 +318,11 @@ def hybrid_state_fwd(k_feat: torch.Tensor, v: torch.Tensor, geo: _Geometry) -> t
     bh, nt, f, d = geo.batch * geo.num_q_heads, geo.num_tiles, geo.feature_dim, geo.head_dim
     states = torch.empty(bh, nt, f, d, dtype=geo.state_dtype, device=v.device)
     sums = torch.empty(bh, nt, f, dtype=torch.float32, device=v.device)
-    _state_fwd_kernel[geo.state_grid()](
+    block_fs, block_ds = geo.state_blocks("state_fwd")
+    _state_fwd_kernel[geo.state_grid("state_fwd")](
         k_feat, v, states, sums, *_strides(k_feat), *_strides(v), *geo.dims(),
-        BT=geo.chunk_size, BFS=geo.block_fs, BDS=geo.block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
-        num_warps=4,
+        BT=geo.chunk_size, BFS=block_fs, BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
+        **geo.launch("state_fwd"),
     )
     return states, sums
 
@@ -164,7 +343,7 @@ def hybrid_attention_fwd(
     _hybrid_fwd_kernel[grid](
         q, k, v, q_feat, k_feat, gamma, states, sums, y, row_max, arg_max, denom,
         *_strides(q), *_strides(k), *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(y),
-        *geo.dims(), geo.qk_scale, **geo.constexprs(),
+        *geo.dims(), geo.qk_scale, **geo.feature_constexprs("fwd"),
     )
     return y, row_max, arg_max, denom
 
@@ -180,12 +359,6 @@ def hybrid_attention_bwd(
     (dq, dk, dv, dq_feat, dk_feat, dgamma) in the dtypes of the inputs."""
     bh, nt, f, d = geo.batch * geo.num_q_heads, geo.num_tiles, geo.feature_dim, geo.head_dim
     bhk = geo.batch * geo.num_kv_heads
-    common = dict(WINDOW=geo.window_size, TERRACE=geo.terrace, KSPAN=geo.key_span, BT=geo.chunk_size,
-                  BD=geo.block_d, UPCAST=geo.upcast, PRECISION=geo.precision, num_warps=NUM_WARPS,
-                  num_stages=NUM_STAGES)
-    with_features = dict(common, BF=geo.block_f, STATE_DOT=geo.state_dot)
-    # Key-side kernels take the query rows of a tile BQ at a time (registers).
-    query_rows = min(geo.chunk_size, 32)
     t, group = geo.num_tokens, geo.group
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -195,7 +368,7 @@ def hybrid_attention_bwd(
     _bwd_dq_window_kernel[(nt, bh)](
         q, k, v, gamma, y, dy, row_max, arg_max, denom, dq, dgamma_tiles, rho, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(y), *_strides(dy), *_strides(dq),
-        t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, **common,
+        t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, **geo.window_constexprs("bwd_dq_window"),
     )
 
     states, sums = hybrid_state_fwd(k_feat, v, geo)
@@ -205,12 +378,14 @@ def hybrid_attention_bwd(
     _bwd_dq_linear_kernel[(nt, bh)](
         v, q_feat, k_feat, states, sums, dy, denom, delta, dq_feat, dstates, dsums,
         *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dq_feat),
-        t, nt, geo.num_q_heads, group, d, f, BFS=geo.block_fs, **with_features,
+        t, nt, geo.num_q_heads, group, d, f, BFS=min(geo.configs["bwd_dq_linear"].block_f or 64, geo.block_f),
+        **geo.feature_constexprs("bwd_dq_linear"),
     )
     del states, sums
     # In place: dstates[i] <- Σ_{i' >= i} dstates[i'].
-    _state_bwd_kernel[geo.state_grid()](
-        dstates, dsums, nt, d, f, BFS=geo.block_fs, BDS=geo.block_ds, num_warps=4,
+    block_fs, block_ds = geo.state_blocks("state_bwd")
+    _state_bwd_kernel[geo.state_grid("state_bwd")](
+        dstates, dsums, nt, d, f, BFS=block_fs, BDS=block_ds, **geo.launch("state_bwd"),
     )
 
     dk_feat = torch.empty(k_feat.shape, dtype=k_feat.dtype, device=k.device)
@@ -218,7 +393,8 @@ def hybrid_attention_bwd(
     _bwd_dkv_linear_kernel[(nt, bhk)](
         v, q_feat, k_feat, dy, denom, delta, dstates, dsums, dv_linear, dk_feat,
         *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dk_feat),
-        t, nt, geo.num_q_heads, group, d, f, BQ=query_rows, **with_features,
+        t, nt, geo.num_q_heads, group, d, f, BQ=geo.query_rows("bwd_dkv_linear"),
+        **geo.feature_constexprs("bwd_dkv_linear"),
     )
     del dstates, dsums
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -226,7 +402,8 @@ def hybrid_attention_bwd(
     _bwd_dkv_window_kernel[(nt, bhk)](
         q, k, v, gamma, dy, row_max, arg_max, denom, delta, rho, dv_linear, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dy), *_strides(dk), *_strides(dv),
-        t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, BQ=query_rows, **common,
+        t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, BQ=geo.query_rows("bwd_dkv_window"),
+        **geo.window_constexprs("bwd_dkv_window"),
     )
     dgamma = dgamma_tiles.view(geo.batch, geo.num_q_heads, nt).sum(dim=(0, 2)).to(gamma.dtype)
     return dq, dk, dv, dq_feat, dk_feat, dgamma
@@ -379,7 +556,8 @@ def hybrid_decode_step(
     k_sum_out = torch.empty_like(k_sum)
     capacity = window_size if window_kind == "sliding" else 2 * window_size
     block_d = _block(head_dim)
-    block_dv = min(block_d, 64)
+    config = resolve_launch_configs(head_dim, feature_dim)["decode"]
+    block_dv = min(config.block_d or 64, block_d)
     precision = _precision(state.window_k.dtype)
     grid = (batch * num_q_heads, triton.cdiv(head_dim, block_dv))
     _hybrid_decode_kernel[grid](
@@ -390,7 +568,7 @@ def hybrid_decode_step(
         window_length, num_evicted, num_q_heads, num_q_heads // num_kv_heads, head_dim, feature_dim,
         LOG2E / math.sqrt(head_dim),
         BW=_block(capacity), BD=block_d, BDV=block_dv, BF=_block(feature_dim), PRECISION=precision,
-        num_warps=4,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     new_state = HybridState(
         kv=kv_out,

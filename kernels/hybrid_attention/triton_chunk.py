@@ -55,8 +55,6 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET",
-    "NUM_STAGES",
-    "NUM_WARPS",
     "first_key_tile",
     "key_span",
     "_state_fwd_kernel",
@@ -71,11 +69,7 @@ __all__ = [
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Launch settings of the tiled kernels. Chosen from an offline compile for sm_90 (ptxas register and
-# spill counts at D = F = 128 and 64): 8 warps spill far less than 4 in every kernel. The loops are
-# unrolled (static_range), so software pipelining (num_stages) has nothing to overlap.
-NUM_WARPS = 8
-NUM_STAGES = 1
+# Launch settings (num_warps, num_stages, free tile sizes) live in triton_api.py: DEFAULT_LAUNCH_CONFIGS.
 
 
 # ----------------------------------------------------------------------------------------------

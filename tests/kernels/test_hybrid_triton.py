@@ -23,7 +23,15 @@ from kernels.hybrid_attention import (
     recurrent_hybrid_step,
     window_masks,
 )
-from kernels.hybrid_attention.triton_api import triton_hybrid_attention, triton_hybrid_decode_step
+from kernels.hybrid_attention import triton_api
+from kernels.hybrid_attention.triton_api import (
+    LaunchConfig,
+    launch_configs,
+    load_launch_table,
+    resolve_launch_configs,
+    triton_hybrid_attention,
+    triton_hybrid_decode_step,
+)
 from kernels.hybrid_attention.triton_chunk import INTERPRET, first_key_tile, key_span
 
 INPUT_NAMES = ("q", "k", "v", "q_feat", "k_feat", "gamma")
@@ -194,6 +202,61 @@ def test_gradient_flows_through_the_window_max():
     (dq_constant,) = torch.autograd.grad(y_constant, [q], dy)
     error = (dq - dq_constant).pow(2).mean().sqrt() / dq_constant.pow(2).mean().sqrt()
     assert error > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window_kind", ["sliding", "terrace"])
+def test_overridden_launch_configs_give_the_same_results(poisoned, window_kind):
+    """Smaller tiles than the defaults: several query-row steps per tile in the key-side kernels
+    (BQ 16 of BT 64), several feature steps of dS, state scans split into 16 × 16 blocks. The settings
+    are fixed at the forward, so the backward outside the block uses them too."""
+    inputs = make_inputs(1, (4, 2), 100, 64, 32, seed=11)
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    small = dict(
+        state_fwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=16),
+        bwd_dq_linear=LaunchConfig(num_warps=4, block_f=16),
+        state_bwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=32),
+        bwd_dkv_linear=LaunchConfig(num_warps=4, block_q=16),
+        bwd_dkv_window=LaunchConfig(num_warps=4, block_q=32),
+    )
+    with launch_configs(**small):
+        assert resolve_launch_configs(64, 32)["bwd_dkv_linear"].block_q == 16
+        y = triton_hybrid_attention(**leaves, window_size=24, window_kind=window_kind)
+    assert resolve_launch_configs(64, 32)["bwd_dkv_linear"].block_q != 16  # restored on exit
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    reference = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    y_ref = quadratic_hybrid_attention(**reference, window_size=24, window_kind=window_kind)
+    grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy)
+    assert_close("y", y, y_ref, 1e-5)
+    for name, grad, grad_ref in zip(INPUT_NAMES, grads, grads_ref):
+        assert_close(f"d{name}", grad, grad_ref, 1e-4)
+
+
+def test_launch_config_errors_and_table_loading(tmp_path, monkeypatch):
+    for fields, name in [(dict(num_warps=3), "num_warps"), (dict(num_stages=0), "num_stages"),
+                         (dict(block_q=24), "block_q"), (dict(block_f=8), "block_f")]:
+        with pytest.raises(ValueError, match=name):
+            LaunchConfig(**fields)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with launch_configs(bwd_dkv=LaunchConfig()):
+            pass
+    # A tune result replaces one kernel of one row; the other kernels and rows keep their settings.
+    monkeypatch.setattr(triton_api, "DEFAULT_LAUNCH_CONFIGS", dict(triton_api.DEFAULT_LAUNCH_CONFIGS))
+    before = resolve_launch_configs(128, 128)
+    path = tmp_path / "tune.json"
+    path.write_text('{"device": "test", "table": {"128,128": {"fwd": {"num_warps": 4, "num_stages": 2}}}}')
+    load_launch_table(str(path))
+    after = resolve_launch_configs(100, 128)  # D = 100 uses the D-block 128 row
+    assert after["fwd"] == LaunchConfig(num_warps=4, num_stages=2)
+    assert {k: v for k, v in after.items() if k != "fwd"} == {k: v for k, v in before.items() if k != "fwd"}
+    assert resolve_launch_configs(64, 128)["fwd"] == before["fwd"]
+    with pytest.raises(ValueError, match="table"):
+        load_launch_table({"rows": []})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Stage 2 (LoRA with DeepSpeed in Ray workers) on a tiny model: ZeRO-2/3 with one and two workers, the
-adapter it leaves, and kill-and-resume (same and different worker count) ending where an undisturbed run ends.
+adapter it leaves, kill-and-resume (same and different worker count, and a LINEARIZE_FAULT killing rank 1)
+ending where an undisturbed run ends, and the ZeRO-3 model built partitioned yet equal to load_model's.
 
 One Ray instance and one group of worker actors per world size are shared by the whole module: actor
 start-up (importing torch, transformers, peft, deepspeed) dominates the cost of these tests.
@@ -19,7 +20,9 @@ from blocks.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_files  # n
 from cluster.deepspeed_worker import DeepSpeedWorkerGroup, WorkerGroupError  # noqa: E402
 from pipeline import finetune  # noqa: E402
 from pipeline.finetune import (  # noqa: E402
-    ADAPTER_DIR, LATEST, RESULT, VALIDATION_DATA, latest_checkpoint, load_stitched, run_finetune)
+    ADAPTER_DIR, LATEST, RESULT, STITCHED_META, VALIDATION_DATA, FinetuneFault, latest_checkpoint, load_stitched,
+    parse_finetune_faults, run_finetune)
+from pipeline.stages import FAULT_ENV, parse_faults  # noqa: E402
 from tests.pipeline.tiny_run import make_model_dir, make_tiny_run  # noqa: E402
 
 TRAIN_ROWS = 24  # 6 optimizer steps of 4 rows with two workers (micro 1 x accumulation 2 x 2)
@@ -76,6 +79,14 @@ def _check_trained(run, result, world_size):
         for other in weights[1:]:
             assert torch.equal(other[name], tensor), f"{name} differs between ranks"
     assert run.exists(RESULT) and run.exists(f"{ADAPTER_DIR}/{ADAPTER_CONFIG}")
+    # Every rank's cost of the (last) attempt, in the result and in result.json.
+    ranks = result["ranks"]
+    assert [r["rank"] for r in ranks] == list(range(world_size))
+    for r in ranks:
+        assert r["peak_gpu_bytes"] is None and r["peak_host_bytes"] > 0  # CPU workers
+        assert 0 < r["build_s"] <= r["init_s"] < r["wall_s"] and 0 < r["train_s"] < r["wall_s"]
+        assert r["steps_run"] == result["steps"] - r["resumed_from_step"] and r["tokens_per_s"] > 0
+    assert run.read_json(RESULT)["ranks"] == ranks
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -115,6 +126,90 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path_factory, mo
         assert torch.equal(result["final_weights"][name], tensor), name
     assert reference_run.read_bytes(f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}") == run.read_bytes(
         f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
+
+
+def test_rank_killed_by_linearize_fault_restarts_from_checkpoint_and_matches(
+        tmp_path_factory, model_dir, groups, undisturbed, monkeypatch):
+    """ZeRO-3, two workers: LINEARIZE_FAULT kills rank 1 after step 5; the driver restarts from the step-3
+    checkpoint and the fault, already fired (its marker), does not fire again. Same result as undisturbed."""
+    reference_run, reference = undisturbed[3]
+    run = _run(tmp_path_factory, model_dir, 3, "fault-rank1")
+    monkeypatch.setenv(FAULT_ENV, "transfer:block=0:exit_after=1;finetune:exit_after=5:rank=1")
+    group = groups(2)
+    result = run_finetune(run.url, workers=group, max_restarts=1, return_weights=True)
+    assert not group.alive  # the first group died with its rank 1
+    assert run.exists("faults/finetune-rank1-5.fired")
+    assert result["ranks"][0]["resumed_from_step"] == 3
+    assert [h["step"] for h in result["history"]] == [h["step"] for h in reference["history"]]
+    for ours, theirs in zip(result["history"], reference["history"]):
+        assert ours.get("eval_loss") == theirs.get("eval_loss")
+        assert ours.get("train_loss") == theirs.get("train_loss")
+    for name, tensor in reference["final_weights"].items():
+        assert torch.equal(result["final_weights"][name], tensor), name
+    assert reference_run.read_bytes(f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}") == run.read_bytes(
+        f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
+
+
+def test_finetune_fault_specs():
+    spec = "transfer:block=1:exit_after=5;finetune:exit_after=10:rank=1;finetune:exit_after=3"
+    assert parse_finetune_faults(spec) == (FinetuneFault(10, 1), FinetuneFault(3, 0))
+    assert [f.stage for f in parse_faults(spec)] == ["transfer"]  # stage 1's parser leaves finetune's items alone
+    assert parse_finetune_faults(None) == ()
+    for bad in ("finetune:rank=1", "finetune:exit_after=2:block=1", "finetune:exit_after=x"):
+        with pytest.raises(ValueError, match=FAULT_ENV):
+            parse_finetune_faults(bad)
+
+
+def test_zero3_first_eval_matches_zero2(undisturbed):
+    """Step 0's eval (LoRA B = 0: the stitched model itself) is the same whether the model was built whole
+    (ZeRO-2) or partitioned under zero.Init (ZeRO-3)."""
+    zero2, zero3 = (undisturbed[stage][1]["history"][0]["eval_loss"] for stage in (2, 3))
+    assert math.isclose(zero2, zero3, rel_tol=1e-6), (zero2, zero3)
+
+
+def _random_weights(run):
+    """Point the run at deterministic random weights (the 70B preset's path), with tied embeddings."""
+    meta = run.read_json(STITCHED_META)
+    meta["model"]["weights"] = "random"
+    meta["model"]["hf_config"]["tie_word_embeddings"] = True
+    run.write_json(STITCHED_META, meta)
+    return run
+
+
+@pytest.mark.parametrize("weights", ["directory", "random"])
+def test_zero3_build_is_partitioned_and_equal_to_load_model(tmp_path_factory, model_dir, groups, weights):
+    run = _run(tmp_path_factory, model_dir, 3, f"partitioned-{weights}")
+    if weights == "random":
+        _random_weights(run)
+
+    def build(run_url):  # runs on every rank (pickled by value: a nested function)
+        import deepspeed
+        from pipeline.finetune import load_stitched_partitioned
+        from pipeline.rundir import RunDir
+
+        ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
+        model = load_stitched_partitioned(RunDir(run_url), ds_config, torch.float32, torch.device("cpu")).model
+        held, full = {}, {}
+        for name, param in model.named_parameters():
+            if hasattr(param, "ds_id"):
+                held[name] = (param.data.numel(), param.ds_tensor.numel(), param.ds_numel)
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full[name] = param.detach().clone()
+        return held, full, model.lm_head.weight is model.model.embed_tokens.weight
+
+    results = groups(2).run(build, run.url)
+    reference = load_stitched(run).model
+    expected = dict(reference.named_parameters())
+    for held, full, tied in results:
+        assert tied == (weights == "random")
+        # Each rank holds half of every base-model tensor (rounded up), and nothing materialised beside it.
+        assert set(held) == {name for name in expected if ".feature_map_" not in name and "window_logit" not in name}
+        for name, (materialised, local, numel) in held.items():
+            assert materialised == 0 and local == math.ceil(numel / 2), (name, materialised, local, numel)
+        assert set(full) == set(expected)
+        for name, tensor in full.items():
+            assert torch.equal(tensor, expected[name].detach()), name
 
 
 def test_resume_with_a_different_worker_count(tmp_path_factory, model_dir, groups, undisturbed):

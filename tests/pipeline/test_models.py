@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import load_model_config
-from pipeline.models import load_layer_stack, load_model
+import pipeline.models as models
+from pipeline.models import load_layer_stack, load_model, random_tensor
 
 TINY = {"name": "tiny", "architecture": "LlamaForCausalLM", "weights": "random", "seed": 3,
         "hf_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -26,6 +27,20 @@ def test_random_layers_are_a_function_of_seed_and_name():
     torch.testing.assert_close(out, states[3], atol=1e-5, rtol=1e-5)
     other = load_model(load_model_config({**TINY, "seed": 4}))
     assert not torch.equal(other.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_random_tensors_do_not_depend_on_the_thread_count(monkeypatch):
+    """A tensor of several RANDOM_CHUNK pieces is generated in a thread pool; its values must not depend on how
+    many threads there are (a Ray worker and the export process have different core counts)."""
+    monkeypatch.setattr(models, "RANDOM_CHUNK", 1000)
+    many = random_tensor(5, "model.layers.0.mlp.up_proj.weight", (37, 101))
+    monkeypatch.setattr(models.os, "cpu_count", lambda: 1)
+    one = random_tensor(5, "model.layers.0.mlp.up_proj.weight", (37, 101))
+    assert torch.equal(many, one)
+    pieces = many.view(-1)[:3000].view(3, 1000)
+    assert not torch.equal(pieces[0], pieces[1]) and not torch.equal(pieces[1], pieces[2])  # own generator each
+    assert abs(many.std().item() - 0.02) < 0.002
+    assert not torch.equal(many, random_tensor(5, "model.layers.0.mlp.down_proj.weight", (37, 101)))
 
 
 def test_layer_range_errors():

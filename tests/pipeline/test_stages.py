@@ -46,6 +46,11 @@ def test_plan_state_and_cache_layout(reference):
             index = cache.index(layer)
             assert index["complete"] and index["num_shards"] == shards
     assert BoundaryCache(reference, "train").reader(2).num_rows == 48
+    # Wall seconds of every finished stage (the scale proof compares them with the plan's prediction).
+    assert set(reference.read_json("stage_times.json")) == {"plan", "collect", "stitch"}
+    summary = reference.read_json("blocks/summary.json")
+    assert all(task["peak_gpu_bytes"] is None for task in summary["collect"])  # CPU workers: no GPU peak
+    assert all(task["attempt"]["peak_gpu_bytes"] is None for task in summary["transfer"])
 
 
 def test_boundaries_are_the_teachers_raw_residual_stream(reference):
@@ -161,3 +166,27 @@ def test_collect_rewrites_only_missing_and_corrupt_shards(reference, tmp_path):
     for i in range(6):
         assert open(cache.shard_path(2, i), "rb").read() == original[i], i
     assert {i: os.stat(cache.shard_path(2, i)).st_mtime_ns for i in (0, 2, 3, 5)} == untouched
+
+
+def test_scale_proof_reruns_transfer_alone_on_a_linked_copy_of_the_cache(reference, tmp_path):
+    """pipeline/bench_scale.py's scaling mode: a copy with the plan and hard-linked cache, marked collected, runs
+    stage 1 only, and its summary carries what the table prints."""
+    from pathlib import Path
+
+    from pipeline.bench_scale import copy_for_transfer, summarize
+
+    source = Path(reference.url)
+    target = tmp_path / "transfer-again"
+    copy_for_transfer(source, target)
+    shard = next((source / "cache").rglob("*.safetensors"))
+    assert os.stat(target / shard.relative_to(source)).st_ino == os.stat(shard).st_ino  # linked, not copied
+    assert not (target / "blocks").exists()
+    resume(str(target), until="transfer")
+    summary = summarize(target)
+    assert [t["block"] for t in sorted(summary["blocks"]["transfer"], key=lambda t: t["block"])] == [0, 1]
+    assert summary["blocks"]["collect"] == [] and summary["blocks"]["transfer_wall_s"] > 0
+    assert summary["plan"]["k"] == 2 and summary["cache_bytes"] == summarize(source)["cache_bytes"]
+    before = load_safetensors_bytes((source / "blocks/B001/final.safetensors").read_bytes())
+    after = load_safetensors_bytes((target / "blocks/B001/final.safetensors").read_bytes())
+    for key in before:  # the same cache and seed: the same trained feature maps
+        torch.testing.assert_close(after[key], before[key])

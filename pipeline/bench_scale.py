@@ -1,0 +1,340 @@
+"""GPU scale proof (issue 8): the whole pipeline at a Llama shape with deterministic random weights on the GPUs of
+one machine, with faults, and the stage-1 scaling over 1, 2, 4 GPUs. Prints a table last and writes JSON (with
+the device named) under --out (default $OUT, else the work directory).
+
+Two modes, each sized for one device command of under 10 minutes:
+
+    # plan -> collect -> transfer (all GPUs) -> stitch -> DeepSpeed ZeRO-3 LoRA (all GPUs) -> export, one transfer
+    # worker and one DeepSpeed rank killed mid-run (LINEARIZE_FAULT, pipeline/stages.py and pipeline/finetune.py)
+    python -m pipeline.bench_scale run --model llama3-8b --gpus 4 --work-dir /tmp/scale \\
+        --faults "transfer:block=1:exit_after=30;finetune:exit_after=10:rank=1"
+    # stage 1 again on the same cache with 1, 2 and 4 GPUs (hard links, nothing recomputed but transfer)
+    python -m pipeline.bench_scale scaling --from-run /tmp/scale/llama3-8b-4gpu --gpus 1,2,4
+
+What it records, per run: the planner's prediction (plan.json: k, per-block GPU memory, cache bytes, collect /
+block / wall seconds with the hardware preset named by the cluster) beside what happened: wall seconds per stage
+(RUN/stage_times.json), collect and transfer wall and every task's peak GPU memory (RUN/blocks/summary.json;
+torch's allocator), every DeepSpeed rank's peak (RUN/finetune/result.json), the GPUs' own used memory sampled
+with nvidia-smi (CUDA contexts included), the cache's bytes on disk, the export's size, and what the faults
+cost (micro-steps and optimizer steps that were redone).
+
+The run itself is the normal CLI (`python -m pipeline.run run CONFIG --run-dir DIR`) in a subprocess that sees
+the first N GPUs, so the Ray instance, the workers and the retries are the production ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+GB = 1e9
+RUNS = ("run", "scaling")
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring around the run
+
+
+class GpuMemorySampler:
+    """The peak of `nvidia-smi`'s used memory per GPU (MiB -> bytes) while the block is active, every 0.5 s.
+    This includes the CUDA contexts and the allocators' caches, which torch's own peak does not."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s, self.peaks, self._stop = interval_s, {}, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return
+        for line in out.strip().splitlines():
+            index, used = (part.strip() for part in line.split(","))
+            self.peaks[int(index)] = max(self.peaks.get(int(index), 0), int(float(used) * 2**20))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "GpuMemorySampler":
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def run_logged(command: list[str], env: dict, log_path: Path, time_limit_s: float | None = None) -> tuple[int, float]:
+    """Run `command`, its output both printed and kept in log_path; returns (exit code, wall seconds). Past
+    `time_limit_s` the command's whole process group (driver, Ray, workers) is killed and the code is 124, so a
+    device command that must end in time still reports what the run directory holds."""
+    started = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        timer = None
+        if time_limit_s:
+            timer = threading.Timer(time_limit_s, lambda: os.killpg(process.pid, signal.SIGKILL))
+            timer.start()
+        for line in process.stdout:
+            if "it/s]" in line or "s/it]" in line:  # Ray's progress bars: kept in the log, not on the console
+                log.write(line)
+                continue
+            sys.stdout.write(line)
+            log.write(line)
+        code = process.wait()
+        if timer is not None:
+            timer.cancel()
+    if code == -signal.SIGKILL and time_limit_s and time.perf_counter() - started >= time_limit_s:
+        code = 124
+    return code, time.perf_counter() - started
+
+
+def gpu_env(gpus: int) -> dict:
+    """The environment of a run on the first `gpus` GPUs (Ray counts what CUDA_VISIBLE_DEVICES shows)."""
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    # DEVICE.md: NVLink multicast can take the host's GPUs down; keep it off in every process.
+    env.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def device_name() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except Exception:  # no torch CUDA: say so rather than fail the report
+        pass
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Mode "run": the whole pipeline
+
+
+def model_label(model: str) -> str:
+    """A preset name as it is; a YAML path by its file name."""
+    return Path(model).stem if model.endswith((".yaml", ".yml")) else model
+
+
+def run_config(args) -> dict:
+    """The run YAML of this measurement: the model preset and the LoLCATs recipe at small token budgets."""
+    return {
+        "model": args.model,
+        "recipe": "lolcats",
+        "cluster": {"name": args.hardware, "address": "local", "num_gpus": args.gpus,
+                    "gpu_memory": args.gpu_memory, "host_memory": args.host_memory, "disk": args.disk},
+        "data": {"seq_len": args.seq_len, "validation_sequences": 16, "eval_seq_len": args.seq_len,
+                 "eval_sequences": 4},
+        "transfer": {"train_tokens": args.train_tokens, "layers_per_block": args.layers_per_block,
+                     "micro_batch_size": 1, "grad_accum": 8, "eval_every": 20, "checkpoint_every": 5},
+        "finetune": {"train_tokens": args.finetune_tokens, "zero_stage": 3, "micro_batch_size": 1,
+                     "grad_accum": args.finetune_grad_accum, "eval_every": 5, "checkpoint_every": 5},
+    }
+
+
+def summarize(run_dir: Path) -> dict:
+    """What the run directory says happened, beside the plan's prediction."""
+    def read(rel: str):
+        path = run_dir / rel
+        return json.loads(path.read_text()) if path.exists() else None
+
+    plan, blocks, finetune = read("plan.json"), read("blocks/summary.json"), read("finetune/result.json")
+    out = {"run_dir": str(run_dir), "stage_times_s": read("stage_times.json"),
+           "cache_bytes": folder_bytes(run_dir / "cache"), "export_bytes": folder_bytes(run_dir / "export")}
+    if plan:
+        out["plan"] = {key: plan[key] for key in ("k", "num_blocks", "blocks", "waves", "per_block_memory_bytes",
+                                                   "cache_bytes", "predicted_times_s", "hardware_preset", "cost")}
+    if blocks:
+        transfers = [t for t in blocks["transfer"] if not t.get("skipped") and t.get("attempt")]
+        out["blocks"] = {
+            "collect_wall_s": blocks["collect_wall_s"], "transfer_wall_s": blocks["transfer_wall_s"],
+            "wall_s": blocks["wall_s"],
+            "collect": [{key: c.get(key) for key in ("boundary", "seconds", "compute_s", "write_s", "read_s",
+                                                      "tokens", "peak_gpu_bytes")} for c in blocks["collect"]],
+            "transfer": [{"block": t["block"], "layers": t["layers"], **{key: t["attempt"].get(key) for key in (
+                "wall_s", "load_s", "train_s", "eval_s", "tokens_per_s", "peak_gpu_bytes",
+                "resumed_from_micro_step")}, "micro_steps": t["micro_steps"]} for t in transfers],
+        }
+    if finetune:
+        out["finetune"] = {key: value for key, value in finetune.items() if key != "history"}
+        out["finetune"]["steps_run"] = len([h for h in finetune.get("history", []) if "train_loss" in h])
+    faults = run_dir / "faults"
+    out["faults_fired"] = sorted(p.name for p in faults.iterdir()) if faults.exists() else []
+    return out
+
+
+def measure_run(args) -> dict:
+    work = Path(args.work_dir)
+    run_dir = work / f"{model_label(args.model)}-{args.gpus}gpu"
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / f"{model_label(args.model)}-{args.gpus}gpu.yaml"
+    config_path.write_text(yaml.safe_dump(run_config(args), sort_keys=False))
+    env = gpu_env(args.gpus)
+    if args.faults:
+        env["LINEARIZE_FAULT"] = args.faults
+    command = [sys.executable, "-m", "pipeline.run", "run", str(config_path), "--run-dir", str(run_dir)]
+    if args.until:
+        command += ["--until", args.until]
+    with GpuMemorySampler() as sampler:
+        code, wall = run_logged(command, env, work / "run.log", args.time_limit_s)
+    out = {"mode": "run", "model": args.model, "gpus": args.gpus, "faults": args.faults, "exit_code": code,
+           "wall_s": wall, "config": run_config(args), "nvidia_smi_peak_bytes": sampler.peaks,
+           **summarize(run_dir)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Mode "scaling": stage 1 again on the finished run's cache with fewer or more GPUs
+
+
+def copy_for_transfer(source: Path, target: Path) -> None:
+    """A run directory with `source`'s plan, tokens and boundary cache (hard links: no bytes copied) and no
+    trained blocks, marked collected, so `resume --until transfer` runs stage 1 alone."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in ("run.yaml", "plan.json"):
+        shutil.copy2(source / name, target / name)
+    shutil.copytree(source / "cache", target / "cache", copy_function=os.link)
+    (target / "state.json").write_text(json.dumps({"stages": {"plan": "done", "collect": "done"}}))
+
+
+def measure_scaling(args) -> dict:
+    source = Path(args.from_run)
+    rows = []
+    for gpus in [int(g) for g in args.gpus.split(",")]:
+        target = source.parent / f"{source.name}-transfer-{gpus}gpu"
+        copy_for_transfer(source, target)
+        command = [sys.executable, "-m", "pipeline.run", "resume", str(target), "--until", "transfer"]
+        with GpuMemorySampler() as sampler:
+            code, wall = run_logged(command, gpu_env(gpus), source.parent / "scaling.log", args.time_limit_s)
+        summary = summarize(target)
+        rows.append({"gpus": gpus, "exit_code": code, "command_wall_s": wall,
+                     "transfer_wall_s": summary.get("blocks", {}).get("transfer_wall_s"),
+                     "num_blocks": len(summary.get("blocks", {}).get("transfer", [])),
+                     "nvidia_smi_peak_bytes": sampler.peaks, "blocks": summary.get("blocks")})
+        shutil.rmtree(target / "cache")  # only links; the source keeps the data
+    base = next((r for r in rows if r["gpus"] == min(r["gpus"] for r in rows)), None)
+    for row in rows:
+        if base and base["gpus"] and base["transfer_wall_s"] and row["transfer_wall_s"]:
+            speedup = base["transfer_wall_s"] / row["transfer_wall_s"]
+            row["speedup"] = speedup
+            row["parallel_efficiency"] = speedup / (row["gpus"] / base["gpus"])
+    return {"mode": "scaling", "from_run": str(source), "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _gb(value) -> str:
+    return "-" if value is None else f"{value / GB:.1f}"
+
+
+def table(result: dict) -> str:
+    if result["mode"] == "scaling":
+        lines = ["GPUs  blocks  transfer wall s  speed-up  efficiency"]
+        for r in result["rows"]:
+            lines.append(f"{r['gpus']:>4}  {r['num_blocks']:>6}  {r['transfer_wall_s'] or float('nan'):>15.1f}  "
+                         f"{r.get('speedup', float('nan')):>8.2f}  {r.get('parallel_efficiency', float('nan')):>10.0%}")
+        return "\n".join(lines)
+    plan, blocks = result.get("plan", {}), result.get("blocks", {})
+    predicted = plan.get("predicted_times_s") or {}
+    lines = [f"{result['model']} on {result['gpus']} GPU(s), exit code {result['exit_code']}, "
+             f"wall {result['wall_s']:.0f} s; plan k={plan.get('k')} ({plan.get('num_blocks')} blocks, "
+             f"{plan.get('hardware_preset')} constants)",
+             "quantity                         predicted     measured"]
+
+    def row(name, predicted_value, measured_value, unit=""):
+        fmt = (lambda v: "-" if v is None else f"{v:.1f}{unit}")
+        lines.append(f"{name:<32} {fmt(predicted_value):>10} {fmt(measured_value):>12}")
+
+    row("collect wall (s)", predicted.get("collect_s"), blocks.get("collect_wall_s"))
+    block_walls = [t["wall_s"] for t in blocks.get("transfer", []) if t.get("wall_s")]
+    row("one block's transfer (s, max)", predicted.get("block_s"), max(block_walls) if block_walls else None)
+    row("collect + transfer wall (s)", predicted.get("wall_s"), blocks.get("wall_s"))
+    peaks = [t["peak_gpu_bytes"] for t in blocks.get("transfer", []) if t.get("peak_gpu_bytes")]
+    row("block GPU memory (GB, max)", (plan.get("per_block_memory_bytes") or 0) / GB or None,
+        max(peaks) / GB if peaks else None)
+    row("cache (GB)", (plan.get("cache_bytes") or 0) / GB or None, result["cache_bytes"] / GB)
+    for stage, seconds in (result.get("stage_times_s") or {}).items():
+        lines.append(f"stage {stage:<26} {'':>10} {seconds:>11.1f}s")
+    finetune = result.get("finetune") or {}
+    for rank in finetune.get("ranks", []) or []:
+        lines.append(f"finetune rank {rank.get('rank')}: peak {_gb(rank.get('peak_gpu_bytes'))} GB, "
+                     f"{rank.get('tokens_per_s') or 0:,.0f} tokens/s")
+    smi = result.get("nvidia_smi_peak_bytes") or {}
+    lines.append("nvidia-smi peak per GPU (GB): " + ", ".join(f"{i}: {_gb(v)}" for i, v in sorted(smi.items())))
+    lines.append(f"faults fired: {result.get('faults_fired')}; export {result['export_bytes'] / GB:.1f} GB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=RUNS)
+    parser.add_argument("--model", default="llama3-8b", help="model preset (default: %(default)s)")
+    parser.add_argument("--gpus", default="4", help="run: GPUs (default 4); scaling: a list such as 1,2,4")
+    parser.add_argument("--hardware", default="h200", help="planner constants: configs/hardware/NAME.yaml")
+    parser.add_argument("--gpu-memory", default="141GB")
+    parser.add_argument("--host-memory", default="500GB")
+    parser.add_argument("--disk", default="200GB")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--train-tokens", default="512K", help="stage-1 tokens (default: %(default)s)")
+    parser.add_argument("--layers-per-block", default="auto", help="k (default: the planner's)")
+    parser.add_argument("--finetune-tokens", default="160K", help="stage-2 tokens (default: %(default)s)")
+    parser.add_argument("--finetune-grad-accum", type=int, default=2)
+    parser.add_argument("--faults", default="", help="LINEARIZE_FAULT for the run (default: none)")
+    parser.add_argument("--until", help="last stage (default: all)")
+    parser.add_argument("--time-limit-s", type=float, help="kill a run (its whole process group) after this many "
+                        "seconds and report what it finished (exit code 124)")
+    parser.add_argument("--from-run", help="scaling: the finished run whose cache is reused")
+    parser.add_argument("--work-dir", default="/tmp/linearize-scale")
+    parser.add_argument("--out", help="where the JSON goes (default $OUT, else the work directory)")
+    args = parser.parse_args(argv)
+    if args.layers_per_block != "auto":
+        args.layers_per_block = int(args.layers_per_block)
+    if args.mode == "run":
+        args.gpus = int(args.gpus)
+        result = measure_run(args)
+        name = f"scale_run_{model_label(args.model)}_{args.gpus}gpu.json"
+    else:
+        if not args.from_run:
+            parser.error("scaling needs --from-run RUN_DIR (a finished `run` of this script)")
+        result = measure_scaling(args)
+        name = f"scale_transfer_{Path(args.from_run).name}.json"
+    result["device"] = device_name()
+    result["command"] = "python -m pipeline.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out or os.environ.get("OUT") or args.work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=1, default=str))
+    print(table(result))
+    print(f"wrote {out / name}")
+    return 0 if all(r.get("exit_code", 0) == 0 for r in result.get("rows", [result])) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
