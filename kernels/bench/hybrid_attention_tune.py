@@ -49,11 +49,8 @@ from kernels.hybrid_attention.triton_api import (
     triton_hybrid_attention,
 )
 
-SHAPES = {
-    "llama3-8b": dict(num_q_heads=32, num_kv_heads=8, head_dim=128),
-    "smollm2-135m": dict(num_q_heads=9, num_kv_heads=3, head_dim=64),
-}
-FEATURE_DIM = 128
+from kernels.bench.hybrid_attention_bench import FEATURE_DIM, SHAPES  # the benchmark's shapes, one place
+
 WINDOW_SIZE = 64
 WINDOW_KINDS = ("terrace", "sliding")
 SEQ_LENS = {2048: 16, 32768: 1}  # T: B
