@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 GB = 1e9
-RUNS = ("run", "scaling")
+MODES = ("run", "scaling")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,10 +201,8 @@ def measure_run(args) -> dict:
         command += ["--until", args.until]
     with GpuMemorySampler() as sampler:
         code, wall = run_logged(command, env, work / "run.log", args.time_limit_s)
-    out = {"mode": "run", "model": args.model, "gpus": args.gpus, "faults": args.faults, "exit_code": code,
-           "wall_s": wall, "config": run_config(args), "nvidia_smi_peak_bytes": sampler.peaks,
-           **summarize(run_dir)}
-    return out
+    return {"mode": "run", "model": args.model, "gpus": args.gpus, "faults": args.faults, "exit_code": code,
+            "wall_s": wall, "config": run_config(args), "nvidia_smi_peak_bytes": sampler.peaks, **summarize(run_dir)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +293,7 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench_scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=RUNS)
+    parser.add_argument("mode", choices=MODES)
     parser.add_argument("--model", default="llama3-8b", help="model preset (default: %(default)s)")
     parser.add_argument("--gpus", default="4", help="run: GPUs (default 4); scaling: a list such as 1,2,4")
     parser.add_argument("--hardware", default="h200", help="planner constants: configs/hardware/NAME.yaml")

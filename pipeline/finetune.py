@@ -58,7 +58,7 @@ from blocks.lora import LoraSettings, adapter_files, add_lora, lora_parameters
 
 from .config import ModelConfig, RunConfig
 from .rundir import RunDir
-from .stages import FAULT_ENV, read_run_config
+from .stages import FAULT_ENV, Fault, parse_faults, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -300,35 +300,13 @@ def accumulation_steps(global_batch: int, micro_batch_size: int, world_size: int
 # Fault injection ($LINEARIZE_FAULT, see the module docstring)
 
 
-@dataclass(frozen=True)
-class FinetuneFault:
-    exit_after: int
-    """The optimizer step after which the rank kills itself."""
-    rank: int = 0
-
-    @property
-    def marker(self) -> str:
-        return f"faults/finetune-rank{self.rank}-{self.exit_after}.fired"
+def finetune_faults(spec: str | None) -> tuple[Fault, ...]:
+    """The `finetune:exit_after=N[:rank=R]` items of a LINEARIZE_FAULT spec (stages.parse_faults checks them all)."""
+    return tuple(fault for fault in parse_faults(spec) if fault.stage == "finetune")
 
 
-def parse_finetune_faults(spec: str | None) -> tuple[FinetuneFault, ...]:
-    """The `finetune:exit_after=N[:rank=R]` items of a LINEARIZE_FAULT spec (other stages' items are skipped)."""
-    faults = []
-    for item in filter(None, (part.strip() for part in (spec or "").split(";"))):
-        stage, *fields = item.split(":")
-        if stage != "finetune":
-            continue
-        values = {}
-        for field_ in fields:
-            key, _, value = field_.partition("=")
-            if key not in ("exit_after", "rank") or not value.strip().isdigit():
-                raise ValueError(f"{FAULT_ENV}: {field_!r} in {item!r} is not exit_after=N or rank=R (non-negative "
-                                 "integers); e.g. finetune:exit_after=10:rank=1")
-            values[key] = int(value)
-        if "exit_after" not in values:
-            raise ValueError(f"{FAULT_ENV}: {item!r} has no exit_after=N; e.g. finetune:exit_after=10:rank=1")
-        faults.append(FinetuneFault(**values))
-    return tuple(faults)
+def fault_marker(fault: Fault) -> str:
+    return f"faults/finetune-rank{fault.rank}-{fault.exit_after}.fired"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +333,7 @@ class TrainOptions:
     use_gpu: bool = False
     kill_at_step: int | None = None
     """Fault injection for tests: rank 0 SIGKILLs itself after finishing this optimizer step."""
-    faults: tuple[FinetuneFault, ...] = ()
+    faults: tuple[Fault, ...] = ()
     """Fault injection from $LINEARIZE_FAULT (each fires once per run directory)."""
     return_weights: bool = False
     """Return every rank's view of the final LoRA weights (tests: equal across ranks)."""
@@ -670,8 +648,9 @@ class Stage2Worker:
 
     def _fault_point(self) -> None:
         for fault in self.options.faults:
-            if fault.exit_after == self.step and fault.rank == self.rank and not self.run_dir.exists(fault.marker):
-                self.run_dir.write_text(fault.marker, f"pid {os.getpid()}\n")
+            marker = fault_marker(fault)
+            if fault.exit_after == self.step and fault.rank == self.rank and not self.run_dir.exists(marker):
+                self.run_dir.write_text(marker, f"pid {os.getpid()}\n")
                 logger.warning("fault injection: finetune rank %d is killed after step %d", self.rank, self.step)
                 os.kill(os.getpid(), signal.SIGKILL)  # a hard crash: no cleanup, no exception
 
@@ -734,7 +713,7 @@ def run_finetune(run_url: str, *, num_workers: int | None = None, use_gpu: bool 
     run = RunDir(run_url)
     if run.exists(RESULT) and not return_weights:
         return run.read_json(RESULT)
-    fault_list = parse_finetune_faults(faults if faults is not None else os.environ.get(FAULT_ENV))
+    fault_list = finetune_faults(faults if faults is not None else os.environ.get(FAULT_ENV))
     config = read_run_config(run)
     if use_gpu is None:
         use_gpu = config.cluster.num_gpus > 0

@@ -29,6 +29,7 @@ Fault injection for tests (never set in production): the environment variable LI
 driver and handed to the tasks, holds `;`-separated specs `STAGE[:block=B][:exit_after=N][:delay=S]`:
 exit_after makes the worker os._exit(1) once (a marker in RUN/faults/ stops it from firing again) right
 after its N-th micro-step (transfer) or N-th written shard (collect); delay sleeps S seconds after each.
+`finetune:exit_after=N[:rank=R]` (parsed here too) is stage 2's: pipeline/finetune.py.
 """
 
 from __future__ import annotations
@@ -194,29 +195,38 @@ class Fault:
     block: int | None = None
     exit_after: int | None = None
     delay: float = 0.0
+    rank: int = 0
+    """finetune only: the DeepSpeed rank that kills itself (pipeline/finetune.py)."""
 
     def applies(self, stage: str, block: int) -> bool:
         return self.stage == stage and (self.block is None or self.block == block)
 
 
+FAULT_FIELDS = {"collect": ("block", "exit_after", "delay"), "transfer": ("block", "exit_after", "delay"),
+                "finetune": ("exit_after", "rank")}
+"""The fields each stage's faults accept (finetune: exit_after = the optimizer step after which rank `rank` dies)."""
+
+
 def parse_faults(spec: str | None) -> tuple[Fault, ...]:
-    """'transfer:block=1:exit_after=5;collect:delay=0.1' -> Faults (see the module docstring)."""
+    """'transfer:block=1:exit_after=5;collect:delay=0.1;finetune:exit_after=10:rank=1' -> Faults (see the module
+    docstring; the finetune items are pipeline/finetune.py's)."""
     faults = []
     for item in filter(None, (part.strip() for part in (spec or "").split(";"))):
         stage, *fields = item.split(":")
-        if stage == "finetune":  # pipeline.finetune.parse_finetune_faults reads these (exit_after=N[:rank=R])
-            continue
-        if stage not in ("collect", "transfer"):
-            raise ValueError(f"{FAULT_ENV}: stage {stage!r} in {item!r} is not 'collect', 'transfer' or 'finetune'")
+        if stage not in FAULT_FIELDS:
+            raise ValueError(f"{FAULT_ENV}: stage {stage!r} in {item!r} is not one of {sorted(FAULT_FIELDS)}")
         values: dict[str, Any] = {}
         for field in fields:
             key, _, value = field.partition("=")
-            if key in ("block", "exit_after"):
-                values[key] = int(value)
-            elif key == "delay":
-                values[key] = float(value)
-            else:
-                raise ValueError(f"{FAULT_ENV}: unknown field {key!r} in {item!r}; use block=, exit_after=, delay=")
+            if key not in FAULT_FIELDS[stage]:
+                raise ValueError(f"{FAULT_ENV}: unknown field {key!r} in {item!r}; {stage} takes "
+                                 f"{', '.join(f + '=' for f in FAULT_FIELDS[stage])}")
+            try:
+                values[key] = float(value) if key == "delay" else int(value)
+            except ValueError:
+                raise ValueError(f"{FAULT_ENV}: {field!r} in {item!r} needs a number") from None
+        if stage == "finetune" and "exit_after" not in values:
+            raise ValueError(f"{FAULT_ENV}: {item!r} has no exit_after=N; e.g. finetune:exit_after=10:rank=1")
         faults.append(Fault(stage, **values))
     return tuple(faults)
 

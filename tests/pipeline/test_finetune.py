@@ -20,9 +20,9 @@ from blocks.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_files  # n
 from cluster.deepspeed_worker import DeepSpeedWorkerGroup, WorkerGroupError  # noqa: E402
 from pipeline import finetune  # noqa: E402
 from pipeline.finetune import (  # noqa: E402
-    ADAPTER_DIR, LATEST, RESULT, STITCHED_META, VALIDATION_DATA, FinetuneFault, latest_checkpoint, load_stitched,
-    parse_finetune_faults, run_finetune)
-from pipeline.stages import FAULT_ENV, parse_faults  # noqa: E402
+    ADAPTER_DIR, LATEST, RESULT, STITCHED_META, VALIDATION_DATA, finetune_faults, latest_checkpoint, load_stitched,
+    run_finetune)
+from pipeline.stages import FAULT_ENV, Fault, parse_faults  # noqa: E402
 from tests.pipeline.tiny_run import make_model_dir, make_tiny_run  # noqa: E402
 
 TRAIN_ROWS = 24  # 6 optimizer steps of 4 rows with two workers (micro 1 x accumulation 2 x 2)
@@ -111,13 +111,8 @@ def test_one_worker_trains(tmp_path_factory, model_dir, groups, zero_stage):
     assert result["steps"] == TRAIN_ROWS // 2
 
 
-def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path_factory, model_dir, groups, undisturbed):
-    """Rank 0 is SIGKILLed after step 4; the driver restarts a fresh group from the step-3 checkpoint."""
-    reference_run, reference = undisturbed[2]
-    run = _run(tmp_path_factory, model_dir, 2, "killed-same-count")
-    group = groups(2)
-    result = run_finetune(run.url, workers=group, kill_at_step=4, max_restarts=1, return_weights=True)
-    assert not group.alive  # the first group died with its rank 0
+def _assert_same_training(run, result, reference_run, reference):
+    """A disturbed run ended exactly where the undisturbed one did: history, final weights, adapter bytes."""
     assert [h["step"] for h in result["history"]] == [h["step"] for h in reference["history"]]
     for ours, theirs in zip(result["history"], reference["history"]):
         assert ours.get("eval_loss") == theirs.get("eval_loss")
@@ -126,6 +121,16 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path_factory, mo
         assert torch.equal(result["final_weights"][name], tensor), name
     assert reference_run.read_bytes(f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}") == run.read_bytes(
         f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path_factory, model_dir, groups, undisturbed):
+    """Rank 0 is SIGKILLed after step 4; the driver restarts a fresh group from the step-3 checkpoint."""
+    reference_run, reference = undisturbed[2]
+    run = _run(tmp_path_factory, model_dir, 2, "killed-same-count")
+    group = groups(2)
+    result = run_finetune(run.url, workers=group, kill_at_step=4, max_restarts=1, return_weights=True)
+    assert not group.alive  # the first group died with its rank 0
+    _assert_same_training(run, result, reference_run, reference)
 
 
 def test_rank_killed_by_linearize_fault_restarts_from_checkpoint_and_matches(
@@ -140,24 +145,17 @@ def test_rank_killed_by_linearize_fault_restarts_from_checkpoint_and_matches(
     assert not group.alive  # the first group died with its rank 1
     assert run.exists("faults/finetune-rank1-5.fired")
     assert result["ranks"][0]["resumed_from_step"] == 3
-    assert [h["step"] for h in result["history"]] == [h["step"] for h in reference["history"]]
-    for ours, theirs in zip(result["history"], reference["history"]):
-        assert ours.get("eval_loss") == theirs.get("eval_loss")
-        assert ours.get("train_loss") == theirs.get("train_loss")
-    for name, tensor in reference["final_weights"].items():
-        assert torch.equal(result["final_weights"][name], tensor), name
-    assert reference_run.read_bytes(f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}") == run.read_bytes(
-        f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
+    _assert_same_training(run, result, reference_run, reference)
 
 
 def test_finetune_fault_specs():
     spec = "transfer:block=1:exit_after=5;finetune:exit_after=10:rank=1;finetune:exit_after=3"
-    assert parse_finetune_faults(spec) == (FinetuneFault(10, 1), FinetuneFault(3, 0))
-    assert [f.stage for f in parse_faults(spec)] == ["transfer"]  # stage 1's parser leaves finetune's items alone
-    assert parse_finetune_faults(None) == ()
-    for bad in ("finetune:rank=1", "finetune:exit_after=2:block=1", "finetune:exit_after=x"):
+    assert finetune_faults(spec) == (Fault("finetune", exit_after=10, rank=1), Fault("finetune", exit_after=3))
+    assert [f.stage for f in parse_faults(spec)] == ["transfer", "finetune", "finetune"]  # one parser for all
+    assert finetune_faults(None) == ()
+    for bad in ("finetune:rank=1", "finetune:exit_after=2:block=1", "finetune:exit_after=x", "transfer:rank=1"):
         with pytest.raises(ValueError, match=FAULT_ENV):
-            parse_finetune_faults(bad)
+            parse_faults(bad)
 
 
 def test_zero3_first_eval_matches_zero2(undisturbed):
