@@ -152,7 +152,9 @@ def run_config(args) -> dict:
         "transfer": {"train_tokens": args.train_tokens, "layers_per_block": args.layers_per_block,
                      "micro_batch_size": 1, "grad_accum": 8, "eval_every": 20, "checkpoint_every": 5},
         "finetune": {"train_tokens": args.finetune_tokens, "zero_stage": 3, "micro_batch_size": 1,
-                     "grad_accum": args.finetune_grad_accum, "eval_every": 5, "checkpoint_every": 5},
+                     "grad_accum": args.finetune_grad_accum, "eval_every": args.finetune_eval_every,
+                     "checkpoint_every": args.finetune_checkpoint_every},
+        "export": {"dtype": args.export_dtype},
     }
 
 
@@ -305,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers-per-block", default="auto", help="k (default: the planner's)")
     parser.add_argument("--finetune-tokens", default="160K", help="stage-2 tokens (default: %(default)s)")
     parser.add_argument("--finetune-grad-accum", type=int, default=2)
+    parser.add_argument("--finetune-eval-every", type=int, default=5, help="stage-2 steps between evaluations")
+    parser.add_argument("--finetune-checkpoint-every", type=int, default=5, help="stage-2 steps between checkpoints")
+    parser.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="export storage dtype (default %(default)s; at 70B fp32 is 280 GB: use bfloat16)")
     parser.add_argument("--faults", default="", help="LINEARIZE_FAULT for the run (default: none)")
     parser.add_argument("--until", help="last stage (default: all)")
     parser.add_argument("--time-limit-s", type=float, help="kill a run (its whole process group) after this many "

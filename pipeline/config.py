@@ -296,6 +296,21 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
 
 
+@dataclass(kw_only=True)
+class ExportConfig:
+    """The export stage (`linearize export`): the Hugging Face directory written at the end of a run."""
+
+    dtype: str = "float32"
+    """Storage dtype of the weights: float32, bfloat16 or float16 (feature maps and gamma stay fp32). At 70B
+    an fp32 export is 280 GB; bfloat16 halves it and builds the model in bf16 on the host."""
+    merge: bool = True
+    """Merge the stage-2 LoRA into q/k/v/o (false: keep it as a PEFT adapter in OUT/adapter/)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"export.dtype: {self.dtype!r} is not one of ['bfloat16', 'float16', 'float32']")
+
+
 EVAL_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu")
 
 
@@ -372,6 +387,7 @@ class RunConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
     run_dir: str | None = None
@@ -507,7 +523,7 @@ def load_cluster_config(value: str | dict) -> ClusterConfig:
 
 
 _RECIPE_SECTIONS = {"attention": AttentionConfig, "data": DataConfig, "transfer": TransferConfig,
-                    "finetune": FinetuneConfig, "eval": EvalConfig}
+                    "finetune": FinetuneConfig, "eval": EvalConfig, "export": ExportConfig}
 _RUN_KEYS = ("model", "recipe", "cluster", "seed", "run_dir", *_RECIPE_SECTIONS)
 
 

@@ -67,11 +67,11 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, *, settings: Atten
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     family = FAMILIES[model_type]
-    if dtype != torch.float32:
-        model = model.to(dtype)
-        for name, param in model.named_parameters():
-            if any(part in name for part in FP32_PARAMETERS):
-                param.data = param.data.float()
+    # Cast parameter by parameter: model.to(dtype) would round the fp32 feature maps before they could be kept.
+    for name, param in model.named_parameters():
+        wanted = torch.float32 if any(part in name for part in FP32_PARAMETERS) else dtype
+        if param.dtype != wanted:
+            param.data = param.data.to(wanted)
     model.save_pretrained(out)
 
     config_path = out / "config.json"
@@ -112,14 +112,22 @@ def merge_run_adapter(run: RunDir, model: torch.nn.Module) -> torch.nn.Module | 
     return None if adapter is None else merge_lora(load_adapter_files(model, adapter))
 
 
-def export_run(run_url: str, out: str | None = None, *, merge: bool = True, dtype: str = "float32") -> str:
-    """Export the run's stitched model + stage-2 adapter; returns OUT (default RUN/export)."""
+def export_run(run_url: str, out: str | None = None, *, merge: bool | None = None, dtype: str | None = None) -> str:
+    """Export the run's stitched model + stage-2 adapter; returns OUT (default RUN/export).
+    `merge` and `dtype` default to the run config's export section."""
     from .models import load_tokenizer
+    from .stages import read_run_config
 
+    run = RunDir(run_url)
+    if merge is None or dtype is None:
+        settings = read_run_config(run).export
+        merge = settings.merge if merge is None else merge
+        dtype = settings.dtype if dtype is None else dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
-    run = RunDir(run_url)
-    stitched = load_stitched(run)
+    # Built in the storage dtype from the start: at 70B an fp32 copy alone would be 280 GB of host memory.
+    # The feature maps and gamma are created fp32 whatever the base dtype (blocks/hybrid_attention.py).
+    stitched = load_stitched(run, dtype=DTYPES[dtype])
     adapter = read_adapter(run)
     if adapter is None:
         logger.warning("%s has no finetune adapter: exporting the stitched model without LoRA",
@@ -150,10 +158,12 @@ def export_run(run_url: str, out: str | None = None, *, merge: bool = True, dtyp
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="run directory (path or fsspec URL) with stitched/ and finetune/adapter/")
     parser.add_argument("out", nargs="?", default=None, help="output directory (default: RUN/export)")
-    parser.add_argument("--no-merge", dest="merge", action="store_false",
-                        help="keep the LoRA adapter separate (OUT/adapter/, PEFT format) instead of merging it")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="storage dtype (feature maps and gamma stay fp32; default: %(default)s)")
+    parser.add_argument("--no-merge", dest="merge", action="store_false", default=None,
+                        help="keep the LoRA adapter separate (OUT/adapter/, PEFT format) instead of merging it "
+                             "(default: the run config's export.merge)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="storage dtype (feature maps and gamma stay fp32; default: the run config's "
+                             "export.dtype)")
 
 
 def main(args) -> int:

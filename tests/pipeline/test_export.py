@@ -261,3 +261,33 @@ def test_beam_search_reorders_the_hybrid_states(remote_model):
         cached = remote_model.generate(ids, attention_mask=mask, **beams)
         uncached = remote_model.generate(ids, attention_mask=mask, use_cache=False, **beams)
     assert torch.equal(cached, uncached)
+
+
+def test_bf16_export_keeps_feature_maps_exact_and_reads_the_run_config_default(tiny_run, in_process, tmp_path):
+    """The bf16 export (the one a 70B run needs) stores the base weights in bf16 and the feature maps and gamma
+    bit-exactly in fp32; with no --dtype the run config's export.dtype decides."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    out = export_run(tiny_run.url, str(tmp_path / "bf16"), dtype="bfloat16")
+    stored = load_file(os.path.join(out, "model.safetensors"))
+    reference = dict(in_process.named_parameters())
+    feature_names = [n for n in stored if any(p in n for p in export_module.FP32_PARAMETERS)]
+    assert feature_names
+    for name in feature_names:
+        assert stored[name].dtype == torch.float32
+        assert torch.equal(stored[name], reference[name].detach())  # not rounded through bf16 on the way
+    q_proj = next(n for n in stored if n.endswith("self_attn.q_proj.weight"))
+    assert stored[q_proj].dtype == torch.bfloat16
+    torch.testing.assert_close(stored[q_proj].float(), reference[q_proj].detach(), rtol=1e-2, atol=1e-2)
+
+    # Default from RUN/run.yaml's export section: flip it to bfloat16 in a copy of the run.
+    config = yaml.safe_load(tiny_run.read_text("run.yaml"))
+    config["export"] = {"dtype": "bfloat16"}
+    copy = tmp_path / "run_copy"
+    shutil.copytree(tiny_run.url.removeprefix("file://"), copy)
+    (copy / "run.yaml").write_text(yaml.safe_dump(config))
+    default_out = export_run(str(copy), str(tmp_path / "default"))
+    assert load_file(os.path.join(default_out, "model.safetensors"))[q_proj].dtype == torch.bfloat16
