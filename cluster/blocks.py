@@ -56,11 +56,17 @@ def worker_spec(max_parallel: int) -> WorkerSpec:
     return WorkerSpec(use_gpu=False, num_cpus=share, threads=share)
 
 
-@ray.remote
-def _run_block_work(fn: Callable[..., Any], kwargs: dict) -> Any:
+def _block_work(fn: Callable[..., Any], kwargs: dict) -> Any:
     from ray.experimental.tqdm_ray import tqdm
 
     return fn(**kwargs, progress=tqdm)
+
+
+_run_block_work = ray.remote(_block_work)
+# GPU tasks get a fresh worker process each: a reused worker keeps its CUDA context and torch's cached blocks
+# (48 GB per GPU after a 70B block), which stage 2 then runs out of memory beside. Ray makes GPU functions
+# single-use only when the decorator names num_gpus, not when .options() does, so say it here.
+_run_block_work_gpu = ray.remote(max_calls=1)(_block_work)
 
 
 def submit(fn: Callable[..., Any], kwargs: dict, spec: WorkerSpec, name: str,
@@ -71,7 +77,8 @@ def submit(fn: Callable[..., Any], kwargs: dict, spec: WorkerSpec, name: str,
                                "max_retries": max_retries, "retry_exceptions": False, "name": name}
     if spec.use_gpu:
         options["scheduling_strategy"] = "SPREAD"
-    return _run_block_work.options(**options).remote(fn, kwargs)
+    remote = _run_block_work_gpu if spec.use_gpu else _run_block_work
+    return remote.options(**options).remote(fn, kwargs)
 
 
 def wait_any(refs: list[ray.ObjectRef], timeout: float | None = None) -> list[ray.ObjectRef]:

@@ -153,7 +153,8 @@ def run_config(args) -> dict:
                      "micro_batch_size": 1, "grad_accum": 8, "eval_every": 20, "checkpoint_every": 5},
         "finetune": {"train_tokens": args.finetune_tokens, "zero_stage": 3, "micro_batch_size": 1,
                      "grad_accum": args.finetune_grad_accum, "eval_every": args.finetune_eval_every,
-                     "checkpoint_every": args.finetune_checkpoint_every},
+                     "checkpoint_every": args.finetune_checkpoint_every,
+                     "gradient_checkpointing": args.gradient_checkpointing},
         "export": {"dtype": args.export_dtype},
     }
 
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-grad-accum", type=int, default=2)
     parser.add_argument("--finetune-eval-every", type=int, default=5, help="stage-2 steps between evaluations")
     parser.add_argument("--finetune-checkpoint-every", type=int, default=5, help="stage-2 steps between checkpoints")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="stage 2 recomputes decoder layers in the backward (needed at 70B)")
     parser.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="export storage dtype (default %(default)s; at 70B fp32 is 280 GB: use bfloat16)")
     parser.add_argument("--faults", default="", help="LINEARIZE_FAULT for the run (default: none)")

@@ -281,6 +281,8 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     eval_every: int = 50
     checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in the backward: less activation memory (needed at 70B), ~1/3 more compute."""
 
     def __post_init__(self) -> None:
         if self.schedule not in ("plateau", "cosine"):

@@ -331,6 +331,9 @@ class TrainOptions:
     lora: dict = field(default_factory=dict)
     seed: int = 0
     use_gpu: bool = False
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward instead of keeping its activations (70B: ~0.5 GB per layer
+    and 1k-token row would otherwise sit beside the ZeRO-3 partitions)."""
     kill_at_step: int | None = None
     """Fault injection for tests: rank 0 SIGKILLs itself after finishing this optimizer step."""
     faults: tuple[Fault, ...] = ()
@@ -353,7 +356,7 @@ def train_options(run: RunDir, config: RunConfig, plan: dict, use_gpu: bool, **e
         min_lr=cfg.min_lr, patience=cfg.patience, grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
         lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}, seed=config.seed,
-        use_gpu=use_gpu, **extra)
+        use_gpu=use_gpu, gradient_checkpointing=cfg.gradient_checkpointing, **extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,6 +500,10 @@ class Stage2Worker:
             stitched = load_stitched_partitioned(self.run_dir, ds_config, dtype, self.device)
         else:
             stitched = load_stitched(self.run_dir, dtype=dtype, device=self.device)
+        if options.gradient_checkpointing:
+            # Non-reentrant: the recompute re-enters ZeRO-3's parameter-fetch hooks like the forward did, and
+            # needs no input that requires grad (the embeddings are frozen).
+            stitched.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = add_lora(stitched.model, LoraSettings(**options.lora), seed=options.seed)
         self.model.config.use_cache = False
         self.params = lora_parameters(self.model)

@@ -111,6 +111,22 @@ def test_one_worker_trains(tmp_path_factory, model_dir, groups, zero_stage):
     assert result["steps"] == TRAIN_ROWS // 2
 
 
+def test_zero3_with_gradient_checkpointing_trains_like_without(tmp_path_factory, model_dir, groups, undisturbed):
+    """finetune.gradient_checkpointing (the 70B setting) changes memory, not the math: same losses and LoRA as the
+    undisturbed ZeRO-3 run up to float reordering in the recompute."""
+    run_dir = tmp_path_factory.mktemp("gradient-checkpointing") / "run"
+    run = make_tiny_run(str(run_dir), model_dir, zero_stage=3, train_rows=TRAIN_ROWS,
+                        finetune=dict(FINETUNE, gradient_checkpointing=True))
+    result = run_finetune(run.url, workers=groups(2), max_restarts=0, return_weights=True)
+    _, reference = undisturbed[3]
+    for ours, theirs in zip(result["history"], reference["history"], strict=True):
+        for key in ("train_loss", "eval_loss"):
+            if key in theirs:
+                assert math.isclose(ours[key], theirs[key], rel_tol=1e-4), (ours, theirs)
+    for name, tensor in reference["final_weights"].items():
+        torch.testing.assert_close(result["final_weights"][name], tensor, rtol=1e-3, atol=1e-5)
+
+
 def _assert_same_training(run, result, reference_run, reference):
     """A disturbed run ended exactly where the undisturbed one did: history, final weights, adapter bytes."""
     assert [h["step"] for h in result["history"]] == [h["step"] for h in reference["history"]]
