@@ -2,6 +2,11 @@
 
     python -m kernels.bench.hybrid_attention_bench --quick           # a few shapes, < 2 minutes on an H100
     python -m kernels.bench.hybrid_attention_bench --out bench.json  # the full table (~6 minutes)
+    python -m kernels.bench.hybrid_attention_bench --quick --super-chunks 1 8   # also time M = 1 and 8
+
+The Triton rows use the launch table of triton_api.py (DEFAULT_LAUNCH_CONFIGS: the row's super-chunk size M
+included; the JSON's settings record each shape's table row); `--super-chunks M ...` adds rows
+"triton_hybrid_m{M}" with that M for the states and the state gradients instead (checked and timed alike).
 
 Order of work, per (model shape, window kind, T), with B = max(1, tokens // T) sequences:
 (1) correctness on the device: the Triton output and all six gradients on the first sequences
@@ -41,7 +46,12 @@ from kernels.hybrid_attention import (
     quadratic_hybrid_attention,
     recurrent_hybrid_step,
 )
-from kernels.hybrid_attention.triton_api import triton_hybrid_attention, triton_hybrid_decode_step
+from kernels.hybrid_attention.triton_api import (
+    launch_configs,
+    resolve_launch_configs,
+    triton_hybrid_attention,
+    triton_hybrid_decode_step,
+)
 
 SHAPES = {
     "llama3-8b": dict(num_q_heads=32, num_kv_heads=8, head_dim=128),
@@ -102,7 +112,8 @@ def check(inputs, window_size, window_kind, with_grads) -> dict:
         y_ref = reference_fn(**reference, window_size=window_size, window_kind=window_kind)
     errors = {"y": rms_ratio(y, y_ref)}
     if with_grads:
-        dy = torch.randn_like(y_ref)
+        # One fixed dy, so rows that differ only in launch settings (--super-chunks) are checked alike.
+        dy = torch.randn(y_ref.shape, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
         grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
         grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy)
         errors.update({f"d{n}": rms_ratio(g, r) for n, g, r in zip(INPUT_NAMES, grads, grads_ref)})
@@ -116,8 +127,14 @@ def mean_window(window_size: int, window_kind: str) -> float:
     return float(window_size) if window_kind == "sliding" else 1.5 * window_size - 0.5
 
 
+def base_method(method: str) -> str:
+    """triton_hybrid_m8 → triton_hybrid (the variants with another super-chunk size do the same work)."""
+    return "triton_hybrid" if method.startswith("triton_hybrid") else method
+
+
 def flops(method, batch, shape, num_tokens, window_size, window_kind) -> float:
     """Forward FLOPs of the useful work of each method (see the module docstring)."""
+    method = base_method(method)
     rows = batch * shape["num_q_heads"] * num_tokens
     head_dim = shape["head_dim"]
     if method == "triton_hybrid":
@@ -133,6 +150,7 @@ def flops(method, batch, shape, num_tokens, window_size, window_kind) -> float:
 
 def io_bytes(method, batch, shape, num_tokens, backward: bool) -> float:
     """Bytes each method must move at least once (bf16 tensors)."""
+    method = base_method(method)
     q_size = batch * shape["num_q_heads"] * num_tokens * shape["head_dim"] * 2
     kv_size = batch * shape["num_kv_heads"] * num_tokens * shape["head_dim"] * 2
     feat_size = batch * shape["num_q_heads"] * num_tokens * FEATURE_DIM * 2
@@ -220,6 +238,25 @@ def measure_ceilings(bench) -> dict:
     return dict(bf16_matmul_tflops=2 * size**3 / matmul_ms / 1e9, copy_gbps=2 * src.numel() * 2 / copy_ms / 1e6)
 
 
+def table_row(shape: dict) -> dict:
+    """The launch settings triton_hybrid_attention uses at this shape (JSON form)."""
+    return {kernel: config.as_dict() for kernel, config in
+            resolve_launch_configs(shape["head_dim"], FEATURE_DIM).items()}
+
+
+def super_chunk_override(shape: dict, super_chunk: int | None):
+    """launch_configs(...) with the table's state_fwd / state_bwd settings at this shape, but M = super_chunk
+    (None: the table as it is)."""
+    import contextlib
+    import dataclasses
+
+    if super_chunk is None:
+        return contextlib.nullcontext()
+    row = resolve_launch_configs(shape["head_dim"], FEATURE_DIM)
+    return launch_configs(**{kernel: dataclasses.replace(row[kernel], super_chunk=super_chunk)
+                             for kernel in ("state_fwd", "state_bwd")})
+
+
 def run_training(args, bench, ceilings) -> list[dict]:
     rows = []
     for shape_name in args.shapes:
@@ -232,19 +269,24 @@ def run_training(args, bench, ceilings) -> list[dict]:
             for window_kind in args.window_kinds:
                 started = time.time()
                 check_batch = 1 if num_tokens >= 4096 else min(batch, 2)
-                row = dict(base, window_kind=window_kind, method="triton_hybrid")
-                try:
-                    row["check"] = errors = check(
-                        {n: t[:check_batch] if t.dim() == 4 else t for n, t in inputs.items()},
-                        args.window_size, window_kind, with_grads=num_tokens <= 16384)
-                except Exception as error:  # noqa: BLE001 - a kernel that cannot run is a failed check
-                    row["check"] = errors = dict(ok=False, error=f"{type(error).__name__}: {error}"[:300])
-                if errors["ok"]:  # refuse to time a kernel that gives wrong answers
-                    hybrid = lambda *t, _kind=window_kind: triton_hybrid_attention(  # noqa: E731
-                        *t, window_size=args.window_size, window_kind=_kind, chunk_size=args.chunk_size)
-                    row["fwd_ms"] = time_method(bench, hybrid, tensors, backward=False)
-                    row["fwd_bwd_ms"] = time_method(bench, hybrid, tensors, backward=True)
-                rows.append(row)
+                all_ok = True
+                for super_chunk in [None, *args.super_chunks]:
+                    method = "triton_hybrid" if super_chunk is None else f"triton_hybrid_m{super_chunk}"
+                    row = dict(base, window_kind=window_kind, method=method)
+                    with super_chunk_override(shape, super_chunk):
+                        try:
+                            row["check"] = errors = check(
+                                {n: t[:check_batch] if t.dim() == 4 else t for n, t in inputs.items()},
+                                args.window_size, window_kind, with_grads=num_tokens <= 16384)
+                        except Exception as error:  # noqa: BLE001 - a kernel that cannot run is a failed check
+                            row["check"] = errors = dict(ok=False, error=f"{type(error).__name__}: {error}"[:300])
+                        if errors["ok"]:  # refuse to time a kernel that gives wrong answers
+                            hybrid = lambda *t, _kind=window_kind: triton_hybrid_attention(  # noqa: E731
+                                *t, window_size=args.window_size, window_kind=_kind, chunk_size=args.chunk_size)
+                            row["fwd_ms"] = time_method(bench, hybrid, tensors, backward=False)
+                            row["fwd_bwd_ms"] = time_method(bench, hybrid, tensors, backward=True)
+                    all_ok = all_ok and errors["ok"]
+                    rows.append(row)
                 # FlexAttention compiles per shape, so it runs for the first window kind only.
                 if num_tokens in args.flex_seq_lens and not args.no_flex and window_kind == args.window_kinds[0]:
                     make_flex = lambda _kind=window_kind, _n=num_tokens: flex_window(  # noqa: E731
@@ -252,7 +294,7 @@ def run_training(args, bench, ceilings) -> list[dict]:
                     rows.append(timed_baseline(dict(base, window_kind=window_kind, method="flex_window"), bench,
                                                make_flex, tensors[:3]))
                 print(f"  {shape_name} T={num_tokens} B={batch} {window_kind}: check "
-                      f"{'ok' if errors['ok'] else 'FAILED'} ({time.time() - started:.1f}s)", flush=True)
+                      f"{'ok' if all_ok else 'FAILED'} ({time.time() - started:.1f}s)", flush=True)
             rows.append(timed_baseline(dict(base, window_kind="causal", method="sdpa_causal"), bench,
                                        lambda: sdpa_causal, tensors[:3]))
             if batch * shape["num_q_heads"] * num_tokens**2 <= QUADRATIC_MAX_ELEMENTS:
@@ -371,6 +413,9 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-batch", type=int, default=8, help="sequences per decode step")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case (ms)")
+    parser.add_argument("--super-chunks", nargs="+", type=int, default=[], metavar="M",
+                        help="also check and time the Triton kernels with these super-chunk sizes (rows "
+                             "triton_hybrid_m{M}; the table's M is the triton_hybrid row)")
     default_out = os.path.join(os.environ["OUT"], "hybrid_attention_bench.json") if os.environ.get("OUT") else \
         "hybrid_attention_bench.json"
     parser.add_argument("--out", default=default_out, help=f"JSON output path (default {default_out})")
@@ -405,7 +450,9 @@ def main(argv=None) -> int:
                       feature_dim=FEATURE_DIM, dtype="bfloat16", check_ratios=dict(CHECK_RATIOS, other=CHECK_RATIO),
                       flops=("hybrid 4·D·W̄ + 4·F·D, flex 4·D·W̄, sdpa causal 2·D·T, quadratic (4·D + 2·F)·T "
                              "per query head and token; backward = 2.5× forward"),
-                      shapes={name: SHAPES[name] for name in args.shapes}),
+                      shapes={name: SHAPES[name] for name in args.shapes},
+                      launch_configs={name: table_row(SHAPES[name]) for name in args.shapes},
+                      super_chunks=args.super_chunks),
     )
     print("measuring ceilings", flush=True)
     result["ceilings"] = ceilings = measure_ceilings(bench)

@@ -7,12 +7,18 @@
 Rows: both model shapes (Llama 3 8B: 32 h, 8 kv, D 128; SmolLM2: 9 h, 3 kv, D 64; F = 128), both
 window kinds (window 64), T = 2048 (B = 16) and T = 32768 (B = 1), bf16, chunk 64.
 
-Per (shape, window) and per kernel (triton_api.KERNEL_NAMES without decode), every LaunchConfig of
-GRID is tried, the table's default first: the real host functions (hybrid_attention_fwd/_bwd) run
-once under `launch_configs(kernel=config)` while `JITFunction.run` is wrapped to record each launch
-(and still launch it); y and the six gradients must match the default config's (RMS ratios of the
-GPU tests); then the kernel's recorded launch alone is timed with triton.testing.do_bench (median) at
-both T. The fastest correct config per kernel and row is kept; end to end, forward and
+First, per shape, the super-chunk size M (query tiles per program of the state-carrying kernels, the
+`super_chunk` of the state_fwd and state_bwd configs; SUPER_CHUNKS or --super-chunks): for each M, the
+outputs must match the table's (as below), then forward+backward is timed end to end at every row of
+the shape; the M with the lowest mean (time / row's best time) is kept for the rest of the sweep (M
+changes which kernels run and how much they do, so it cannot be timed kernel by kernel).
+Then, per (shape, window) and per kernel (triton_api.KERNEL_NAMES without decode), every LaunchConfig of
+GRID is tried, the table's default first (with the chosen M): the real host functions
+(hybrid_attention_fwd/_bwd) run once under `launch_configs(kernel=config)` while `JITFunction.run` is
+wrapped to record each launch (and still launch it); y and the six gradients must match the default
+config's (RMS ratios of the GPU tests); then the kernel's recorded launches (state_fwd and state_bwd are
+two launches each when M > 1: the super-chunk sums and their prefix) alone are timed with
+triton.testing.do_bench (median, summed) at both T. The fastest correct config per kernel and row is kept; end to end, forward and
 forward+backward (triton_hybrid_attention with those configs, and with the defaults) are timed against
 torch SDPA causal (flash backend, GQA) on the same inputs. `--budget-s` stops the sweep (not the end to
 end timing) when spent; rows and kernels not reached keep the default config.
@@ -22,14 +28,15 @@ over SDPA) and JSON with the device name, every timing, and a "table" entry: per
 config per kernel with the best mean (time / row's best time) over that shape's rows.
 `triton_api.load_launch_table(path)` applies it at run time; `--emit-table` prints it as source.
 
-The state_bwd kernel works in place (a reverse prefix sum over the state gradients), so timing it alone
-re-sums its own output: its values grow but its memory traffic, and so its time, do not change.
+The prefix kernels work in place (prefix sums over the states or the state gradients), so timing them
+alone re-sums their own output: the values grow but the memory traffic, and so the time, do not change.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -59,12 +66,18 @@ OUTPUT_NAMES = ("y", "dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma")
 # RMS error / RMS allowed against the default config's outputs (as the GPU tests against fp32).
 CHECK_RATIOS = {"y": 1e-2, "dgamma": 5e-2}
 CHECK_RATIO = 2e-2
-# Kernel function name → triton_api.KERNEL_NAMES entry.
+# Kernel function name → triton_api.KERNEL_NAMES entry (the prefix kernel serves both state scans; see
+# kernel_name).
 KERNEL_OF = {
-    "_state_fwd_kernel": "state_fwd", "_hybrid_fwd_kernel": "fwd", "_bwd_dq_window_kernel": "bwd_dq_window",
-    "_bwd_dq_linear_kernel": "bwd_dq_linear", "_state_bwd_kernel": "state_bwd",
-    "_bwd_dkv_linear_kernel": "bwd_dkv_linear", "_bwd_dkv_window_kernel": "bwd_dkv_window",
+    "_state_fwd_kernel": "state_fwd", "_state_local_kernel": "state_fwd", "_hybrid_fwd_kernel": "fwd",
+    "_bwd_dq_window_kernel": "bwd_dq_window", "_bwd_dq_linear_kernel": "bwd_dq_linear",
+    "_state_bwd_kernel": "state_bwd", "_dstate_local_kernel": "state_bwd",
+    "_bwd_dkv_linear_kernel": "bwd_dkv_linear", "_bwd_dkv_linear_carry_kernel": "bwd_dkv_linear",
+    "_bwd_dkv_window_kernel": "bwd_dkv_window",
 }
+# Super-chunk sizes tried first, per shape (1 = one tile per program, the per-tile states).
+SUPER_CHUNKS = (1, 2, 4, 8)
+STATE_KERNELS = ("state_fwd", "state_bwd")  # their configs carry M
 # Sweep order: the kernels with the most to gain first (the key-side backward kernels spilled).
 TUNED_KERNELS = ("bwd_dkv_window", "bwd_dkv_linear", "fwd", "bwd_dq_window", "bwd_dq_linear", "state_fwd",
                  "state_bwd")
@@ -86,21 +99,30 @@ def _grid() -> dict[str, list[LaunchConfig]]:
     )
 
 
-def candidates(kernel: str, head_dim: int) -> list[LaunchConfig]:
-    """The default of the table first, then the grid without duplicates."""
+def candidates(kernel: str, head_dim: int, super_chunk: int | None = None) -> list[LaunchConfig]:
+    """The default of the table first, then the grid without duplicates; the state scans' configs get
+    super_chunk (when given)."""
     default = resolve_launch_configs(head_dim, FEATURE_DIM)[kernel]
-    out = [default]
-    for config in _grid()[kernel]:
+    out = []
+    for config in [default, *_grid()[kernel]]:
+        if kernel in STATE_KERNELS and super_chunk is not None:
+            config = dataclasses.replace(config, super_chunk=super_chunk)
         if config not in out:
             out.append(config)
     return out
 
 
+def with_super_chunk(head_dim: int, super_chunk: int) -> dict[str, LaunchConfig]:
+    """Overrides: the table's state_fwd and state_bwd configs with M = super_chunk."""
+    row = resolve_launch_configs(head_dim, FEATURE_DIM)
+    return {kernel: dataclasses.replace(row[kernel], super_chunk=super_chunk) for kernel in STATE_KERNELS}
+
+
 def label(config: LaunchConfig) -> str:
-    """Short form: w8 s1 q64 f64 d64."""
+    """Short form: w8 s1 q64 f64 d64 m4."""
     parts = [f"w{config.num_warps}", f"s{config.num_stages}"]
-    parts += [f"{tag}{value}" for tag, value in (("q", config.block_q), ("f", config.block_f), ("d", config.block_d))
-              if value is not None]
+    parts += [f"{tag}{value}" for tag, value in (("q", config.block_q), ("f", config.block_f), ("d", config.block_d),
+                                                 ("m", config.super_chunk)) if value is not None]
     return " ".join(parts)
 
 
@@ -145,18 +167,30 @@ def recording():
         JITFunction.run = original
 
 
+def kernel_name(launch) -> str:
+    """The KERNEL_NAMES entry a recorded launch belongs to."""
+    kernel, _args, kwargs, _grid = launch
+    if kernel.__name__ == "_state_prefix_kernel":
+        return "state_bwd" if kwargs["REVERSE"] else "state_fwd"
+    return KERNEL_OF[kernel.__name__]
+
+
 def run_pipeline(inputs: dict, window_kind: str, overrides: dict) -> tuple[dict, dict]:
     """Forward + backward host functions under `overrides`. Returns the outputs and, per kernel name,
-    its first recorded launch (the state scan runs twice; both launches are the same work)."""
+    its recorded launches, the first of each kernel function (the forward's state scan runs again in the
+    backward; both are the same work)."""
     names = ("q", "k", "v", "q_feat", "k_feat", "gamma")
     q, k, v, q_feat, k_feat, gamma = (inputs[n] for n in names)
     with recording() as launches, launch_configs(**overrides):
         geo = _Geometry(q, k, q_feat, WINDOW_SIZE, window_kind, DEFAULT_CHUNK_SIZE)
         y, row_max, arg_max, denom = hybrid_attention_fwd(q, k, v, q_feat, k_feat, gamma, geo)
         grads = hybrid_attention_bwd(inputs["dy"], q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom, geo)
-    by_kernel = {}
+    by_kernel, seen = {}, set()
     for launch in launches:
-        by_kernel.setdefault(KERNEL_OF[launch[0].__name__], launch)
+        key = (launch[0].__name__, launch[2].get("REVERSE"))
+        if key not in seen:
+            seen.add(key)
+            by_kernel.setdefault(kernel_name(launch), []).append(launch)
     return dict(zip(OUTPUT_NAMES, (y, *grads))), by_kernel
 
 
@@ -173,9 +207,9 @@ def mismatches(outputs: dict, reference: dict) -> dict:
     return bad
 
 
-def time_launch(bench, launch) -> float:
-    kernel, args, kwargs, grid = launch
-    return bench(lambda: kernel[grid](*args, **kwargs))
+def time_launches(bench, launches) -> float:
+    """Summed median ms of each recorded launch, replayed alone."""
+    return sum(bench(lambda: kernel[grid](*args, **kwargs)) for kernel, args, kwargs, grid in launches)
 
 
 def sdpa_causal(q, k, v):
@@ -217,32 +251,73 @@ def time_sdpa(bench, inputs: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def sweep_super_chunk(args, bench, deadline: float, shape: dict, inputs_by_len: dict,
+                      references: dict) -> tuple[int | None, dict]:
+    """Per M: outputs checked against the table's at every row, then forward+backward timed end to end.
+    Returns the M with the lowest mean (time / row's best) over the rows (None: none timed; keep the
+    table's) and {window kind: {T: {label: timings or failure}}}."""
+    timings = {}
+    for super_chunk in args.super_chunks:
+        overrides = with_super_chunk(shape["head_dim"], super_chunk)
+        for window_kind in args.window_kinds:
+            for t, inputs in inputs_by_len.items():
+                if time.time() > deadline:
+                    break
+                entry = timings.setdefault(window_kind, {}).setdefault(t, {})
+                try:
+                    outputs, _ = run_pipeline(inputs, window_kind, overrides)
+                except Exception as error:  # a config the compiler rejects
+                    entry[f"m{super_chunk}"] = dict(failed=f"{type(error).__name__}: {error}"[:200])
+                    continue
+                bad = mismatches(outputs, references[window_kind][t])
+                del outputs
+                if bad:
+                    entry[f"m{super_chunk}"] = dict(failed=f"mismatch {bad}")
+                    continue
+                entry[f"m{super_chunk}"] = dict(super_chunk=super_chunk,
+                                                **time_end_to_end(bench, inputs, window_kind, overrides))
+                torch.cuda.empty_cache()
+    rows = [entries for by_len in timings.values() for entries in by_len.values()]
+    timed = [{k: v["fwd_bwd_ms"] for k, v in entries.items() if "fwd_bwd_ms" in v} for entries in rows]
+    common = set.intersection(*(set(row) for row in timed)) if timed else set()
+    if not common:
+        return None, timings
+    best = min(sorted(common), key=lambda k: sum(row[k] / min(row.values()) for row in timed))
+    return int(best[1:]), timings
+
+
 def sweep(args, bench, deadline: float) -> list[dict]:
-    """Per (shape, window, T) row: {config label: ms} per kernel, and the fastest correct config."""
+    """Per (shape, window, T) row: the super-chunk timings, {config label: ms} per kernel, and the fastest
+    correct config."""
     rows = []
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
         inputs_by_len = {t: make_inputs(b, shape, t) for t, b in SEQ_LENS.items() if t in args.seq_lens}
+        references = {kind: {t: run_pipeline(inputs, kind, {})[0] for t, inputs in inputs_by_len.items()}
+                      for kind in args.window_kinds}
+        super_chunk, super_timings = sweep_super_chunk(args, bench, deadline, shape, inputs_by_len, references)
+        base = with_super_chunk(shape["head_dim"], super_chunk) if super_chunk is not None else {}
+        print(f"super-chunk {shape_name}: M = {super_chunk} ({time.time() - args.started:.0f} s)", flush=True)
         for window_kind in args.window_kinds:
-            group = [dict(shape=shape_name, window_kind=window_kind, T=t, B=SEQ_LENS[t], kernels={})
+            group = [dict(shape=shape_name, window_kind=window_kind, T=t, B=SEQ_LENS[t], kernels={},
+                          super_chunk=dict(best=super_chunk, timings=super_timings.get(window_kind, {}).get(t, {})))
                      for t in inputs_by_len]
-            references = {t: run_pipeline(inputs, window_kind, {})[0] for t, inputs in inputs_by_len.items()}
             for kernel in TUNED_KERNELS:
-                for config in candidates(kernel, shape["head_dim"]):
+                for config in candidates(kernel, shape["head_dim"], super_chunk):
                     if time.time() > deadline:
                         break
                     for row, (t, inputs) in zip(group, inputs_by_len.items()):
                         entry = row["kernels"].setdefault(kernel, dict(timings={}, failed={}))
                         try:
-                            outputs, launches = run_pipeline(inputs, window_kind, {kernel: config})
+                            outputs, launches = run_pipeline(inputs, window_kind, {**base, kernel: config})
                         except Exception as error:  # a config the compiler rejects (e.g. shared memory)
                             entry["failed"][label(config)] = f"{type(error).__name__}: {error}"[:200]
                             continue
-                        bad = mismatches(outputs, references[t])
+                        bad = mismatches(outputs, references[window_kind][t])
                         if bad:
                             entry["failed"][label(config)] = f"mismatch {bad}"
                             continue
-                        entry["timings"][label(config)] = dict(ms=time_launch(bench, launches[kernel]),
+                        entry["timings"][label(config)] = dict(ms=time_launches(bench, launches[kernel]),
                                                                config=config.as_dict())
                         del outputs, launches
                     torch.cuda.empty_cache()
@@ -258,8 +333,15 @@ def sweep(args, bench, deadline: float) -> list[dict]:
 
 
 def best_overrides(row: dict) -> dict:
-    return {kernel: LaunchConfig(**entry["timings"][entry["best"]]["config"])
-            for kernel, entry in row["kernels"].items() if "best" in entry}
+    """The row's fastest config per kernel (the state scans' with the shape's chosen M, also where their
+    sweep was not reached)."""
+    overrides = {}
+    super_chunk = row.get("super_chunk", {}).get("best")
+    if super_chunk is not None:
+        overrides.update(with_super_chunk(SHAPES[row["shape"]]["head_dim"], super_chunk))
+    overrides.update({kernel: LaunchConfig(**entry["timings"][entry["best"]]["config"])
+                      for kernel, entry in row["kernels"].items() if "best" in entry})
+    return overrides
 
 
 def choose_table(rows: list[dict]) -> dict:
@@ -287,6 +369,11 @@ def choose_table(rows: list[dict]) -> dict:
 
             chosen = min(sorted(common), key=score)
             kernels[kernel] = dict(entries[0]["timings"][chosen]["config"])
+        super_chunk = shape_rows[0].get("super_chunk", {}).get("best")
+        if super_chunk is not None:  # the shape's M also where the state scans' sweep was not reached
+            row = resolve_launch_configs(shape["head_dim"], FEATURE_DIM)
+            for kernel in STATE_KERNELS:
+                kernels.setdefault(kernel, row[kernel].as_dict())["super_chunk"] = super_chunk
         table[f"{d_block},{f_block}"] = kernels
     return table
 
@@ -309,6 +396,10 @@ def print_report(rows: list[dict]) -> None:
             value = e2e.get(key)
             return f"{value:>{width}.2f}" if value is not None else " " * (width - 1) + "-"
 
+        super_chunk = r.get("super_chunk", {})
+        if super_chunk.get("timings"):
+            parts.insert(0, f"M={super_chunk.get('best')} (f+b ms " + ", ".join(
+                f"{k}: {v['fwd_bwd_ms']:.3f}" for k, v in super_chunk["timings"].items() if "fwd_bwd_ms" in v) + ")")
         first = True
         for chunk in [parts[i:i + 2] for i in range(0, max(len(parts), 1), 2)] or [[]]:
             text = "; ".join(chunk)
@@ -345,6 +436,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--window-kinds", nargs="+", choices=WINDOW_KINDS, default=list(WINDOW_KINDS))
     parser.add_argument("--seq-lens", nargs="+", type=int, choices=sorted(SEQ_LENS), default=sorted(SEQ_LENS))
+    parser.add_argument("--super-chunks", nargs="+", type=int, default=list(SUPER_CHUNKS),
+                        help="super-chunk sizes M tried per shape before the kernel sweep (none: keep the table's)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and the number of configs; no GPU")
     parser.add_argument("--emit-table", metavar="TUNE_JSON", help="print the JSON's table as Python and exit")
     args = parser.parse_args(argv)
@@ -357,14 +450,17 @@ def main(argv=None) -> None:
         total = 0
         for shape_name in args.shapes:
             head_dim = SHAPES[shape_name]["head_dim"]
-            print(f"{shape_name} (D={head_dim}, F={FEATURE_DIM}):")
+            table_m = resolve_launch_configs(head_dim, FEATURE_DIM)["state_fwd"].super_chunk or 1
+            print(f"{shape_name} (D={head_dim}, F={FEATURE_DIM}): super-chunk sizes {args.super_chunks} end to end, "
+                  f"then the kernels at the chosen M (shown with the table's, {table_m}):")
             for kernel in TUNED_KERNELS:
-                configs = candidates(kernel, head_dim)
+                configs = candidates(kernel, head_dim, table_m)
                 total += len(configs) * len(args.window_kinds)
                 print(f"  {kernel:15} {len(configs)}: " + " | ".join(label(c) for c in configs))
         rows = len(args.shapes) * len(args.window_kinds) * len(args.seq_lens)
-        print(f"{total} compiled configs (per shape and window kind), each timed at {len(args.seq_lens)} lengths; "
-              f"{rows} rows; budget {args.budget_s:.0f} s")
+        print(f"{len(args.super_chunks)} super-chunk sizes per shape timed end to end at {rows // len(args.shapes)} "
+              f"rows each; {total} compiled configs (per shape and window kind), each timed at {len(args.seq_lens)} "
+              f"lengths; {rows} rows; budget {args.budget_s:.0f} s")
         return
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1 is set; unset it to time the compiled kernels")

@@ -9,7 +9,8 @@ naive.recurrent_hybrid_step, which stay the ground truth and the CPU path.
 
 They run on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (tests; slow, fp32 arithmetic).
 
-Launch settings (num_warps, num_stages and the free tile sizes of each kernel) come from one table,
+Launch settings (num_warps, num_stages, the free tile sizes of each kernel, and the super-chunk size M:
+query tiles per program of the kernels that carry the linear state) come from one table,
 `DEFAULT_LAUNCH_CONFIGS`, keyed by the (head dim, feature dim) blocks; `launch_configs(...)` overrides
 them for the calls made inside it (the tuner, kernels/bench/hybrid_attention_tune.py, uses that), and
 `load_launch_table(path)` replaces table rows with the ones a tune run wrote.
@@ -38,13 +39,17 @@ from kernels.hybrid_attention.naive import (
 )
 from kernels.hybrid_attention.triton_chunk import (
     INTERPRET,
+    _bwd_dkv_linear_carry_kernel,
     _bwd_dkv_linear_kernel,
     _bwd_dkv_window_kernel,
     _bwd_dq_linear_kernel,
     _bwd_dq_window_kernel,
+    _dstate_local_kernel,
     _hybrid_fwd_kernel,
     _state_bwd_kernel,
     _state_fwd_kernel,
+    _state_local_kernel,
+    _state_prefix_kernel,
     key_span,
 )
 from kernels.hybrid_attention.triton_decode import _hybrid_decode_kernel
@@ -69,6 +74,10 @@ DEFAULT_CHUNK_SIZE = 64
 MAX_HEAD_DIM = 256  # BD × BT register tiles; larger head dims need a D-split the kernels do not have
 MAX_FEATURE_DIM = 256
 MAX_KEY_SPAN = 32  # key tiles a query tile reads directly (unrolled in the kernels)
+MAX_SUPER_CHUNK = 64  # query tiles per program of the state-carrying kernels (a loop, not unrolled)
+# The prefix over super-chunk sums: PREFIX_ROWS sums per step (one tl.cumsum), PREFIX_COLUMNS elements of the
+# flattened F × D state per program (8 × 512 fp32: 32 registers a thread at 4 warps).
+PREFIX_ROWS, PREFIX_COLUMNS = 8, 512
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -86,6 +95,10 @@ class LaunchConfig:
     block_f: BFS, feature rows per program of the state scans (state_fwd, state_bwd) and per step of the
         state gradient in bwd_dq_linear.
     block_d: BDS, value columns per program of the state scans; BDV, value columns per program of decode.
+    super_chunk: M, read from state_fwd and state_bwd only: query tiles per program of the kernels that
+        carry the state in registers (state_fwd's M: the forward and bwd_dq_linear, which read S; state_bwd's
+        M: bwd_dkv_linear, which reads the state gradients), so states are stored every M tiles; None = 1
+        (one stored state per tile, one sequential scan kernel: the design before super-chunks).
     Tiles larger than the dimension they cut are clamped to it at launch.
     """
 
@@ -94,6 +107,7 @@ class LaunchConfig:
     block_q: int | None = None
     block_f: int | None = None
     block_d: int | None = None
+    super_chunk: int | None = None
 
     def __post_init__(self):
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -104,6 +118,9 @@ class LaunchConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
                 raise ValueError(f"{name} must be None or a power of two >= 16, got {value!r}")
+        if self.super_chunk is not None and (isinstance(self.super_chunk, bool) or not isinstance(self.super_chunk, int)
+                                             or not 1 <= self.super_chunk <= MAX_SUPER_CHUNK):
+            raise ValueError(f"super_chunk must be None or an int in [1, {MAX_SUPER_CHUNK}], got {self.super_chunk!r}")
 
     def as_dict(self) -> dict:
         """The fields that are set (JSON form; LaunchConfig(**d) reads it back)."""
@@ -140,7 +157,8 @@ def _configs(**overrides: LaunchConfig) -> dict[str, LaunchConfig]:
 # prints such rows (per (D, F), the config with the best mean time over both window kinds and T = 2k, 32k),
 # and `load_launch_table` applies a tune JSON at run time instead.
 FALLBACK_LAUNCH_CONFIGS = _configs()
-# From kernels/bench/hybrid_attention_tune_h100.json (docs/results.md section 2).
+# From kernels/bench/hybrid_attention_tune_h100.json (docs/results.md section 2), which predates super-chunks:
+# D = 128 keeps M = 1 (that shape met its targets with per-tile states).
 DEFAULT_LAUNCH_CONFIGS: dict[tuple[int, int], dict[str, LaunchConfig]] = {
     (128, 128): _configs(
         bwd_dkv_window=LaunchConfig(num_warps=8, num_stages=1, block_q=64),
@@ -151,14 +169,20 @@ DEFAULT_LAUNCH_CONFIGS: dict[tuple[int, int], dict[str, LaunchConfig]] = {
         state_fwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64),
         state_bwd=LaunchConfig(num_warps=4, num_stages=3, block_f=32, block_d=64),
     ),
+    # super_chunk = 4 at D = 64 (by reasoning, not yet timed): the per-tile states cost F·D/BT = 128 values
+    # per token and head, written and read back, more than the inputs at this head size; M = 4 cuts that
+    # traffic 4x and the sequential scans 4x (plus 8 sums per prefix step), while B = 1, T = 32k, 9 heads
+    # still gives 1152 programs to the state-carrying kernels (M = 8: 576, about 1.5 waves of an H100).
+    # Those kernels hold an F × D fp32 carry: 8 warps (ptxas, sm_90a: fwd 233 registers and no spills
+    # against 178 B spilled at 4 warps; dkv_linear 44 B against 476 B; dq_linear 0 against 80 B).
     (64, 128): _configs(
         bwd_dkv_window=LaunchConfig(num_warps=4, num_stages=1, block_q=64),
-        bwd_dkv_linear=LaunchConfig(num_warps=4, num_stages=1, block_q=64),
-        fwd=LaunchConfig(num_warps=4, num_stages=1),
+        bwd_dkv_linear=LaunchConfig(num_warps=8, num_stages=1, block_q=64),
+        fwd=LaunchConfig(num_warps=8, num_stages=1),
         bwd_dq_window=LaunchConfig(num_warps=4, num_stages=1),
-        bwd_dq_linear=LaunchConfig(num_warps=4, num_stages=1, block_f=64),
-        state_fwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64),
-        state_bwd=LaunchConfig(num_warps=8, num_stages=3, block_f=64, block_d=64),
+        bwd_dq_linear=LaunchConfig(num_warps=8, num_stages=1, block_f=64),
+        state_fwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64, super_chunk=4),
+        state_bwd=LaunchConfig(num_warps=8, num_stages=3, block_f=64, block_d=64, super_chunk=4),
     ),
 }
 
@@ -266,6 +290,12 @@ class _Geometry:
         self.block_d, self.block_f = _block(self.head_dim), _block(self.feature_dim)
         # Launch settings per kernel, fixed here so that the backward uses those of its forward.
         self.configs = resolve_launch_configs(self.head_dim, self.feature_dim)
+        # Super-chunks (tiles per state-carrying program) and stored states, of S (forward and dφq) and of
+        # the state gradients (dφk, dv); M = 1 is the per-tile layout (NT states).
+        self.super_fwd = self.configs["state_fwd"].super_chunk or 1
+        self.super_bwd = self.configs["state_bwd"].super_chunk or 1
+        self.num_states_fwd = triton.cdiv(self.num_tiles, self.super_fwd)
+        self.num_states_bwd = triton.cdiv(self.num_tiles, self.super_bwd)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
         self.qk_scale = self.sm_scale * LOG2E
         self.upcast = INTERPRET
@@ -302,9 +332,16 @@ class _Geometry:
         return (self.num_tokens, self.num_tiles, self.num_q_heads, self.group, self.head_dim, self.feature_dim)
 
     def state_grid(self, kernel: str) -> tuple[int, int, int]:
+        """Grid of the sequential per-tile scans (M = 1): one program per F × D block and (b, h)."""
         block_fs, block_ds = self.state_blocks(kernel)
         return (triton.cdiv(self.feature_dim, block_fs), triton.cdiv(self.head_dim, block_ds),
                 self.batch * self.num_q_heads)
+
+    def local_grid(self, kernel: str, num_states: int) -> tuple[int, int, int]:
+        """Grid of the super-chunk sums (M > 1): one program per super-chunk, (b, h) and F × D block."""
+        block_fs, block_ds = self.state_blocks(kernel)
+        return (num_states, self.batch * self.num_q_heads,
+                triton.cdiv(self.feature_dim, block_fs) * triton.cdiv(self.head_dim, block_ds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,18 +349,40 @@ class _Geometry:
 # ----------------------------------------------------------------------------------------------
 
 
-def hybrid_state_fwd(k_feat: torch.Tensor, v: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear states at every tile boundary: S (B·Hq, NT, F, D) in geo.state_dtype and z (B·Hq, NT, F)
-    fp32, S[c] = Σ over keys before tile c of φk vᵀ."""
-    bh, nt, f, d = geo.batch * geo.num_q_heads, geo.num_tiles, geo.feature_dim, geo.head_dim
-    states = torch.empty(bh, nt, f, d, dtype=geo.state_dtype, device=v.device)
-    sums = torch.empty(bh, nt, f, dtype=torch.float32, device=v.device)
-    block_fs, block_ds = geo.state_blocks("state_fwd")
-    _state_fwd_kernel[geo.state_grid("state_fwd")](
-        k_feat, v, states, sums, *_strides(k_feat), *_strides(v), *geo.dims(),
-        BT=geo.chunk_size, BFS=block_fs, BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
-        **geo.launch("state_fwd"),
+def state_prefix(states: torch.Tensor, sums: torch.Tensor, geo: _Geometry, kernel: str, reverse: bool) -> None:
+    """In place: the super-chunk sums (B·Hq, NS, F, D) and (B·Hq, NS, F) become their exclusive prefix sums
+    (reverse: suffix sums), with the launch settings of `kernel` (state_fwd or state_bwd)."""
+    batch_heads, num_states = states.shape[:2]
+    grid = (triton.cdiv(geo.feature_dim * geo.head_dim, PREFIX_COLUMNS), batch_heads)
+    _state_prefix_kernel[grid](
+        states, sums, num_states, geo.head_dim, geo.feature_dim, REVERSE=reverse, CH=PREFIX_ROWS, BE=PREFIX_COLUMNS,
+        **geo.launch(kernel),
     )
+
+
+def hybrid_state_fwd(k_feat: torch.Tensor, v: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored linear states S (B·Hq, NS, F, D) in geo.state_dtype and z (B·Hq, NS, F) fp32.
+    M = 1: at every tile boundary, S[c] = Σ over keys before tile c of φk vᵀ (one sequential scan).
+    M > 1: at the super-chunk boundaries, S[g] = Σ over keys before tile i_first(g·M) (the sums over
+    each super-chunk's key range in parallel, then their exclusive prefix)."""
+    bh, ns, f, d = geo.batch * geo.num_q_heads, geo.num_states_fwd, geo.feature_dim, geo.head_dim
+    states = torch.empty(bh, ns, f, d, dtype=geo.state_dtype, device=v.device)
+    sums = torch.empty(bh, ns, f, dtype=torch.float32, device=v.device)
+    block_fs, block_ds = geo.state_blocks("state_fwd")
+    if geo.super_fwd == 1:
+        _state_fwd_kernel[geo.state_grid("state_fwd")](
+            k_feat, v, states, sums, *_strides(k_feat), *_strides(v), *geo.dims(),
+            BT=geo.chunk_size, BFS=block_fs, BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
+            **geo.launch("state_fwd"),
+        )
+        return states, sums
+    t, nt, hq, group = geo.num_tokens, geo.num_tiles, geo.num_q_heads, geo.group
+    _state_local_kernel[geo.local_grid("state_fwd", ns)](
+        k_feat, v, states, sums, *_strides(k_feat), *_strides(v), t, nt, ns, hq, group, d, f,
+        WINDOW=geo.window_size, TERRACE=geo.terrace, SUPER=geo.super_fwd, BT=geo.chunk_size, BFS=block_fs,
+        BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision, **geo.launch("state_fwd"),
+    )
+    state_prefix(states, sums, geo, "state_fwd", reverse=False)
     return states, sums
 
 
@@ -339,11 +398,12 @@ def hybrid_attention_fwd(
     row_max = torch.empty(geo.batch, geo.num_q_heads, geo.num_tokens, dtype=torch.float32, device=q.device)
     arg_max = torch.empty(row_max.shape, dtype=torch.int32, device=q.device)
     denom = torch.empty_like(row_max)
-    grid = (geo.num_tiles, geo.batch * geo.num_q_heads)
-    _hybrid_fwd_kernel[grid](
+    t, nt, hq, group, d, f = geo.dims()
+    _hybrid_fwd_kernel[(geo.num_states_fwd, geo.batch * hq)](
         q, k, v, q_feat, k_feat, gamma, states, sums, y, row_max, arg_max, denom,
         *_strides(q), *_strides(k), *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(y),
-        *geo.dims(), geo.qk_scale, **geo.feature_constexprs("fwd"),
+        t, nt, geo.num_states_fwd, hq, group, d, f, geo.qk_scale, SUPER=geo.super_fwd,
+        **geo.feature_constexprs("fwd"),
     )
     return y, row_max, arg_max, denom
 
@@ -353,9 +413,10 @@ def hybrid_attention_bwd(
     k_feat: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor, row_max: torch.Tensor, arg_max: torch.Tensor,
     denom: torch.Tensor, geo: _Geometry,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward launches, in dependency order (see triton_chunk.py): window dq (also δ, ρ, dγ parts),
-    linear dφq with the per-tile state gradients, their reverse prefix sum, linear dφk and dv part,
-    window dk and dv. The states are recomputed (cheaper than keeping them). Returns
+    """Backward launches, in dependency order (see triton_chunk.py): window dq (also δ, ρ, dγ parts), the
+    states (recomputed: cheaper than keeping them), linear dφq (with the per-tile state gradients when
+    M_bwd = 1), the reverse prefix sum of the state gradients (M_bwd > 1: super-chunk sums, then their
+    suffix sums), linear dφk and dv part, window dk and dv. Returns
     (dq, dk, dv, dq_feat, dk_feat, dgamma) in the dtypes of the inputs."""
     bh, nt, f, d = geo.batch * geo.num_q_heads, geo.num_tiles, geo.feature_dim, geo.head_dim
     bhk = geo.batch * geo.num_kv_heads
@@ -373,29 +434,48 @@ def hybrid_attention_bwd(
 
     states, sums = hybrid_state_fwd(k_feat, v, geo)
     dq_feat = torch.empty(q_feat.shape, dtype=q_feat.dtype, device=q.device)
-    dstates = torch.empty(bh, nt, f, d, dtype=geo.state_dtype, device=q.device)
-    dsums = torch.empty(bh, nt, f, dtype=torch.float32, device=q.device)
-    _bwd_dq_linear_kernel[(nt, bh)](
+    # Per-tile state gradients (M_bwd = 1) are written by the dq kernel; with super-chunks it writes none.
+    per_tile = geo.super_bwd == 1
+    dstates = torch.empty(bh, nt if per_tile else geo.num_states_bwd, f, d, dtype=geo.state_dtype, device=q.device)
+    dsums = torch.empty(dstates.shape[:3], dtype=torch.float32, device=q.device)
+    _bwd_dq_linear_kernel[(geo.num_states_fwd, bh)](
         v, q_feat, k_feat, states, sums, dy, denom, delta, dq_feat, dstates, dsums,
         *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dq_feat),
-        t, nt, geo.num_q_heads, group, d, f, BFS=min(geo.configs["bwd_dq_linear"].block_f or 64, geo.block_f),
-        **geo.feature_constexprs("bwd_dq_linear"),
+        t, nt, geo.num_states_fwd, geo.num_q_heads, group, d, f, SUPER=geo.super_fwd, WRITE_DSTATE=per_tile,
+        BFS=min(geo.configs["bwd_dq_linear"].block_f or 64, geo.block_f), **geo.feature_constexprs("bwd_dq_linear"),
     )
     del states, sums
-    # In place: dstates[i] <- Σ_{i' >= i} dstates[i'].
     block_fs, block_ds = geo.state_blocks("state_bwd")
-    _state_bwd_kernel[geo.state_grid("state_bwd")](
-        dstates, dsums, nt, d, f, BFS=block_fs, BDS=block_ds, **geo.launch("state_bwd"),
-    )
-
     dk_feat = torch.empty(k_feat.shape, dtype=k_feat.dtype, device=k.device)
-    dv_linear = torch.empty(bhk, t, d, dtype=torch.float32, device=v.device)
-    _bwd_dkv_linear_kernel[(nt, bhk)](
-        v, q_feat, k_feat, dy, denom, delta, dstates, dsums, dv_linear, dk_feat,
-        *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dk_feat),
-        t, nt, geo.num_q_heads, group, d, f, BQ=geo.query_rows("bwd_dkv_linear"),
-        **geo.feature_constexprs("bwd_dkv_linear"),
-    )
+    if per_tile:
+        # In place: dstates[i] <- Σ_{i' >= i} dstates[i'].
+        _state_bwd_kernel[geo.state_grid("state_bwd")](
+            dstates, dsums, nt, d, f, BFS=block_fs, BDS=block_ds, **geo.launch("state_bwd"),
+        )
+        dv_linear = torch.empty(bhk, t, d, dtype=torch.float32, device=v.device)
+        _bwd_dkv_linear_kernel[(nt, bhk)](
+            v, q_feat, k_feat, dy, denom, delta, dstates, dsums, dv_linear, dk_feat,
+            *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dk_feat),
+            t, nt, geo.num_q_heads, group, d, f, BQ=geo.query_rows("bwd_dkv_linear"),
+            **geo.feature_constexprs("bwd_dkv_linear"),
+        )
+    else:
+        # The super-chunk sums of dS, their suffix sums in place, then the key ranges walked backwards
+        # per query head (dv's linear part per query head; the window kernel sums the group).
+        ns = geo.num_states_bwd
+        _dstate_local_kernel[geo.local_grid("state_bwd", ns)](
+            q_feat, dy, denom, delta, dstates, dsums, *_strides(q_feat), *_strides(dy),
+            t, nt, ns, geo.num_q_heads, d, f, SUPER=geo.super_bwd, BT=geo.chunk_size, BFS=block_fs, BDS=block_ds,
+            UPCAST=geo.upcast, PRECISION=geo.precision, STATE_DOT=geo.state_dot, **geo.launch("state_bwd"),
+        )
+        state_prefix(dstates, dsums, geo, "state_bwd", reverse=True)
+        dv_linear = torch.empty(bh, t, d, dtype=torch.float32, device=v.device)
+        _bwd_dkv_linear_carry_kernel[(ns, bh)](
+            v, q_feat, k_feat, dy, denom, delta, dstates, dsums, dv_linear, dk_feat,
+            *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dk_feat),
+            t, nt, ns, geo.num_q_heads, group, d, f, SUPER=geo.super_bwd, BQ=geo.query_rows("bwd_dkv_linear"),
+            **geo.feature_constexprs("bwd_dkv_linear"),
+        )
     del dstates, dsums
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -403,7 +483,7 @@ def hybrid_attention_bwd(
         q, k, v, gamma, dy, row_max, arg_max, denom, delta, rho, dv_linear, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dy), *_strides(dk), *_strides(dv),
         t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, BQ=geo.query_rows("bwd_dkv_window"),
-        **geo.window_constexprs("bwd_dkv_window"),
+        DV_PER_HEAD=not per_tile, **geo.window_constexprs("bwd_dkv_window"),
     )
     dgamma = dgamma_tiles.view(geo.batch, geo.num_q_heads, nt).sum(dim=(0, 2)).to(gamma.dtype)
     return dq, dk, dv, dq_feat, dk_feat, dgamma

@@ -9,25 +9,47 @@ independent of the window). Query tile i needs
 * the linear state S = Σ φk vᵀ (F × D), z = Σ φk (F) over all keys before i_first(i)·BT, which are
   linear for every row of the tile (window_start is non-decreasing in the position).
 
-Kernels (grid in brackets; H = Hq query heads, Hkv kv heads, NT = ceil(T / BT) tiles):
+Super-chunks. The kernels that use the state walk M consecutive query tiles per program (the super-chunk
+g = tiles gM .. gM + M − 1; M = SUPER, a launch setting) and carry the state in registers: the program
+loads the state at its super-chunk's boundary once, P[g] = the state over all key tiles before
+i_first(gM), and before query tile i adds the key tiles i_first(i − 1) .. i_first(i) − 1 that left the
+window. Only the NS = ceil(NT / M) boundary states are stored. They come from a two-level scan: a
+parallel pass sums each key range K_g = [i_first(gM), i_first((g + 1)M)) (the ranges partition the key
+tiles; the last one runs to NT), then a short sequential exclusive prefix over the NS sums. The
+backward's state gradients go the same way in reverse: key tile c of K_g needs
+R(c) = Σ_{i >= i_after(c)} dS_i over the query tiles whose state holds it (i_after(c) = the first tile
+with i_first > c, which lies in gM + 1 .. (g + 1)M), i.e. the boundary Σ_{g' > g} (super-chunk sums of
+dS) plus the dS_i of tiles i_after(c) .. (g + 1)M − 1, which the program adds as it walks K_g backwards.
+M = 1 keeps the per-tile design: one sequential scan kernel storing S at every tile boundary, one
+program per query tile, and the per-tile dS written by the linear dq kernel.
 
-* `_state_fwd_kernel` [F-blocks, D-blocks, B·H]: exclusive prefix sum over tiles of φkᵀ v and of φk,
-  S[c] = Σ_{c' < c} (tile c'), stored for every boundary c: (B·H, NT, F, D) and (B·H, NT, F).
-* `_hybrid_fwd_kernel` [NT, B·H]: pass 1 gets the window max c_n (and its key position) over key
-  tiles i_first..i, pass 2 sums γ·exp(s − c) (window) and φqᵀφk (linear) into one numerator and one
-  denominator, plus φq·S[i_first] and φq·z[i_first]; stores y, and for the backward c (base 2), the
-  argmax position and the full denominator.
+Kernels (grid in brackets; H = Hq query heads, Hkv kv heads, NT = ceil(T / BT) tiles, NS states):
+
+* state scan, M = 1: `_state_fwd_kernel` [F-blocks, D-blocks, B·H]: exclusive prefix sum over tiles of
+  φkᵀ v and of φk, S[c] = Σ_{c' < c} (tile c'), stored for every boundary c: (B·H, NT, F, D), (B·H, NT, F).
+  M > 1: `_state_local_kernel` [NS, B·H, F-blocks·D-blocks] sums each K_g, and
+  `_state_prefix_kernel` [F·D / BE, B·H] turns the sums, in place, into the boundaries P[g] (CH sums per
+  step with tl.cumsum, so NS / CH sequential steps).
+* `_hybrid_fwd_kernel` [NS, B·H]: per query tile, pass 1 gets the window max c_n (and its key position)
+  over key tiles i_first..i, pass 2 sums γ·exp(s − c) (window) and φqᵀφk (linear) into one numerator
+  and one denominator, plus φq·S and φq·z; stores y, and for the backward c (base 2), the argmax
+  position and the full denominator.
 * backward, window terms (a FlashAttention backward): `_bwd_dq_window_kernel` [NT, B·H] gives dq, a
   per-tile partial of dγ, ρ_n (the gradient through c_n, below) and δ_n = dy_n·y_n;
-  `_bwd_dkv_window_kernel` [NT, B·Hkv] gives dk and the window part of dv, looping over the query
-  heads of its kv head's group and the query tiles that read the key tile (GQA without repeating k/v).
-* backward, linear terms: `_bwd_dq_linear_kernel` [NT, B·H] gives dφq and the tile's gradient w.r.t.
-  the state it read, dS_i = φqᵀ g, dz_i = φqᵀ h (g = dy / den, h = −δ / den);
-  `_state_bwd_kernel` [F-blocks, D-blocks, B·H] turns them into a reverse inclusive prefix sum over
-  tiles, in place: R[i] = Σ_{i' ≥ i} dS_i'. Key tile c was folded into the states of exactly the
-  tiles i ≥ i_after(c) = the first tile with i_first > c, so its state gradient is R[i_after(c)];
-  `_bwd_dkv_linear_kernel` [NT, B·Hkv] gives dφk and the linear part of dv (in-tile linear keys and
-  the state path).
+  `_bwd_dkv_window_kernel` [NT, B·Hkv] gives dk and dv (window part plus the linear part the linear
+  kernel left), looping over the query heads of its kv head's group and the query tiles that read the
+  key tile (GQA without repeating k/v).
+* backward, linear terms: `_bwd_dq_linear_kernel` [NS, B·H] gives dφq (in-tile linear keys and
+  S g + z h, g = dy / den, h = −δ / den) and, when the state gradients are per tile (M_bwd = 1), the
+  tile's gradient w.r.t. the state it read, dS_i = φqᵀ g, dz_i = φqᵀ h.
+  M_bwd = 1: `_state_bwd_kernel` [F-blocks, D-blocks, B·H] turns them into a reverse inclusive prefix
+  sum over tiles, in place: R[i] = Σ_{i' >= i} dS_i'; key tile c's state gradient is R[i_after(c)];
+  `_bwd_dkv_linear_kernel` [NT, B·Hkv] gives dφk and the linear part of dv (in-tile linear keys and the
+  state path), summed over the group in registers, into DV_LINEAR (B·Hkv, T, D) fp32.
+  M_bwd > 1: `_dstate_local_kernel` [NS, B·H, F-blocks·D-blocks] sums dS over each super-chunk,
+  `_state_prefix_kernel` (reverse) gives Σ_{g' > g}, and `_bwd_dkv_linear_carry_kernel` [NS, B·H] walks
+  K_g backwards per query head, writing dφk and that head's part of dv into DV_LINEAR (B·H, T, D) fp32
+  (the window kernel sums the group).
 
 The window max c_n is part of the model (the linear terms are not rescaled by it), so the gradient
 flows through it as through torch.amax in naive.py: with ρ_n = Σ_{m∈W(n)} P_nm dP_nm, the score of
@@ -36,11 +58,11 @@ kernels give it to the first tied key; exact ties need two keys with bitwise-equ
 
 All arithmetic is fp32; bf16/fp16 operands feed tl.dot directly on a GPU, and with UPCAST (the CPU
 interpreter, which has no bf16 arithmetic) everything is upcast first.
-The states and state gradients are summed in fp32 and enter tl.dot as STATE_DOT: bf16 next to bf16
-inputs (as flash-linear-attention does), fp32 otherwise (tf32 for fp16 inputs, whose range a long
-sum could exceed; "ieee" for fp32 inputs). The host stores S and R in that dtype too (half the
-memory traffic): S and R would be rounded before their dots anyway; the per-tile dS_i are rounded
-before the reverse sum, which adds them in fp32.
+The states and state gradients are summed in fp32 (also when carried in registers) and enter tl.dot as
+STATE_DOT: bf16 next to bf16 inputs (as flash-linear-attention does), fp32 otherwise (tf32 for fp16
+inputs, whose range a long sum could exceed; "ieee" for fp32 inputs). The host stores S, R and the
+super-chunk sums in that dtype too (half the memory traffic): S and R would be rounded before their
+dots anyway; the stored sums are rounded before the prefix, which adds them in fp32.
 
 Naming: p_ pointers, b_ blocks, m_ masks, o_ offsets, i_ indices, UPPER constexpr. Exponentials are
 base 2: s holds q·k·log2(e)/√D, so exp2(s − c) = exp(q·k/√D − c_n).
@@ -58,11 +80,15 @@ __all__ = [
     "first_key_tile",
     "key_span",
     "_state_fwd_kernel",
+    "_state_local_kernel",
+    "_state_prefix_kernel",
     "_hybrid_fwd_kernel",
     "_bwd_dq_window_kernel",
     "_bwd_dq_linear_kernel",
     "_state_bwd_kernel",
+    "_dstate_local_kernel",
     "_bwd_dkv_linear_kernel",
+    "_bwd_dkv_linear_carry_kernel",
     "_bwd_dkv_window_kernel",
 ]
 
@@ -156,6 +182,62 @@ def _window_and_linear_masks(o_t, o_s, WINDOW: tl.constexpr, TERRACE: tl.constex
     return m_win, m_lin
 
 
+@triton.jit
+def _key_tile_after(i_j, BT: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr):
+    """i_after(i_j): the first query tile i with i_first(i) > i_j, i.e. the first whose state holds key tile
+    i_j (i_first(i_j + KSPAN) > i_j by the definition of KSPAN)."""
+    i_after = i_j + 1
+    for i_di in tl.static_range(1, KSPAN):
+        if _first_key_tile(i_j + i_di, BT, WINDOW, TERRACE) <= i_j:
+            i_after = i_j + i_di + 1
+    return i_after
+
+
+@triton.jit
+def _key_range(i_g, NT, NS, SUPER: tl.constexpr, BT: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr):
+    """K_g = [lo, hi): the key tiles that enter the state while super-chunk g is walked, i.e. between the
+    boundaries P[g] and P[g + 1]. The ranges partition 0 .. NT − 1 (the last one runs to NT: its keys
+    beyond i_first of the last tile enter no state, but the backward still owes them their in-tile terms)."""
+    lo = _first_key_tile(i_g * SUPER, BT, WINDOW, TERRACE)
+    hi = _first_key_tile((i_g + 1) * SUPER, BT, WINDOW, TERRACE)
+    hi = tl.where(i_g == NS - 1, NT, tl.minimum(hi, NT))
+    return lo, hi
+
+
+@triton.jit
+def _fold_key_tiles(b_state, b_z, kf_base, v_base, s_kft, s_vt, i_lo, i_hi, o_f, m_f, o_d, m_d, T,
+                    BT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """b_state += Σ φk_cᵀ v_c and b_z += Σ φk_c over key tiles i_lo .. i_hi − 1 (fp32; the feature rows
+    o_f and value columns o_d of the block the caller holds)."""
+    for i_c in range(i_lo, i_hi):
+        o_s = i_c * BT + tl.arange(0, BT)
+        m_s = o_s < T
+        b_kf = _load_tile(kf_base, s_kft, o_s, m_s, o_f, m_f, UPCAST)
+        b_v = _load_tile(v_base, s_vt, o_s, m_s, o_d, m_d, UPCAST)
+        b_state += tl.dot(tl.trans(b_kf), b_v, input_precision=PRECISION)
+        b_z += tl.sum(b_kf.to(tl.float32), 0)
+    return b_state, b_z
+
+
+@triton.jit
+def _add_state_grads(b_dstate, b_dz, qf_base, dy_base, s_qft, s_dyt, DEN, DELTA, row_base, i_lo, i_hi,
+                     o_f, m_f, o_d, m_d, T, BT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     STATE_DOT: tl.constexpr):
+    """b_dstate += Σ dS_i = φq_iᵀ g_i and b_dz += Σ dz_i = φq_iᵀ h_i over query tiles i_lo .. i_hi − 1
+    (g = dy / den, h = −δ / den; padding rows give 0). row_base: the (B·H, T) row offset of the head."""
+    for i_i in range(i_lo, i_hi):
+        o_t = i_i * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_qf = _load_tile(qf_base, s_qft, o_t, m_t, o_f, m_f, UPCAST)
+        b_dy = _load_tile(dy_base, s_dyt, o_t, m_t, o_d, m_d, UPCAST)
+        b_inv_den = 1.0 / tl.load(DEN + row_base + o_t, mask=m_t, other=1.0)
+        b_h = -tl.load(DELTA + row_base + o_t, mask=m_t, other=0.0) * b_inv_den
+        b_g = (b_dy.to(tl.float32) * b_inv_den[:, None]).to(STATE_DOT)
+        b_dstate += tl.dot(tl.trans(b_qf.to(STATE_DOT)), b_g, input_precision=PRECISION)
+        b_dz += tl.sum(b_qf.to(tl.float32) * b_h[:, None], 0)
+    return b_dstate, b_dz
+
+
 # ----------------------------------------------------------------------------------------------
 # Inter-chunk state
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +251,8 @@ def _state_fwd_kernel(
     BT: tl.constexpr, BFS: tl.constexpr, BDS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """S[b, h, c] = Σ_{tiles c' < c} φk_c'ᵀ v_c' (one F × D block, summed in fp32, stored in S's dtype),
-    Z[b, h, c] = Σ φk in fp32."""
+    """M = 1: S[b, h, c] = Σ_{tiles c' < c} φk_c'ᵀ v_c' (one F × D block, summed in fp32, stored in S's
+    dtype), Z[b, h, c] = Σ φk in fp32, for every tile boundary c."""
     i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     i_hk = i_h // GROUP
@@ -204,7 +286,7 @@ def _state_bwd_kernel(
     DS, DZ, NT, D, F,
     BFS: tl.constexpr, BDS: tl.constexpr,
 ):
-    """In place: DS[b, h, i] <- Σ_{i' >= i} DS[b, h, i'] (and DZ likewise), summed in fp32."""
+    """M_bwd = 1, in place: DS[b, h, i] <- Σ_{i' >= i} DS[b, h, i'] (and DZ likewise), summed in fp32."""
     i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_f = i_f * BFS + tl.arange(0, BFS)
     o_d = i_d * BDS + tl.arange(0, BDS)
@@ -226,38 +308,122 @@ def _state_bwd_kernel(
         p_dz -= F
 
 
+@triton.jit
+def _state_local_kernel(
+    KF, V, S, Z,
+    s_kfb, s_kfh, s_kft, s_vb, s_vh, s_vt,
+    T, NT, NS, HQ, GROUP, D, F,
+    WINDOW: tl.constexpr, TERRACE: tl.constexpr, SUPER: tl.constexpr,
+    BT: tl.constexpr, BFS: tl.constexpr, BDS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """M > 1, first level of the state scan: S[b, h, g] = Σ_{c ∈ K_g} φk_cᵀ v_c (one F × D block, summed
+    in fp32, stored in S's dtype), Z[b, h, g] = Σ φk in fp32."""
+    i_g, i_bh, i_fd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_d_blocks = tl.cdiv(D, BDS)
+    i_f, i_d = i_fd // num_d_blocks, i_fd % num_d_blocks
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_hk = i_h // GROUP
+    o_f = i_f * BFS + tl.arange(0, BFS)
+    o_d = i_d * BDS + tl.arange(0, BDS)
+    m_f, m_d = o_f < F, o_d < D
+    kf_base = KF + i_b.to(tl.int64) * s_kfb + i_h.to(tl.int64) * s_kfh
+    v_base = V + i_b.to(tl.int64) * s_vb + i_hk.to(tl.int64) * s_vh
+
+    i_lo, i_hi = _key_range(i_g, NT, NS, SUPER, BT, WINDOW, TERRACE)
+    b_s = tl.zeros([BFS, BDS], dtype=tl.float32)
+    b_z = tl.zeros([BFS], dtype=tl.float32)
+    b_s, b_z = _fold_key_tiles(b_s, b_z, kf_base, v_base, s_kft, s_vt, i_lo, i_hi, o_f, m_f, o_d, m_d, T,
+                               BT, UPCAST, PRECISION)
+    o_state = (i_bh.to(tl.int64) * NS + i_g) * F
+    tl.store(S + (o_state + o_f[:, None]) * D + o_d[None, :], b_s.to(S.dtype.element_ty),
+             mask=m_f[:, None] & m_d[None, :])
+    if i_d == 0:
+        tl.store(Z + o_state + o_f, b_z, mask=m_f)
+
+
+@triton.jit
+def _dstate_local_kernel(
+    QF, DY, DEN, DELTA, DS, DZ,
+    s_qfb, s_qfh, s_qft, s_dyb, s_dyh, s_dyt,
+    T, NT, NS, HQ, D, F,
+    SUPER: tl.constexpr, BT: tl.constexpr, BFS: tl.constexpr, BDS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
+):
+    """M > 1, first level of the reverse scan: DS[b, h, g] = Σ over the query tiles i of super-chunk g of
+    dS_i = φq_iᵀ g_i (one F × D block, fp32 sum, stored in DS's dtype), DZ likewise with h, fp32."""
+    i_g, i_bh, i_fd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_d_blocks = tl.cdiv(D, BDS)
+    i_f, i_d = i_fd // num_d_blocks, i_fd % num_d_blocks
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    o_f = i_f * BFS + tl.arange(0, BFS)
+    o_d = i_d * BDS + tl.arange(0, BDS)
+    m_f, m_d = o_f < F, o_d < D
+    qf_base = QF + i_b.to(tl.int64) * s_qfb + i_h.to(tl.int64) * s_qfh
+    dy_base = DY + i_b.to(tl.int64) * s_dyb + i_h.to(tl.int64) * s_dyh
+
+    b_ds = tl.zeros([BFS, BDS], dtype=tl.float32)
+    b_dz = tl.zeros([BFS], dtype=tl.float32)
+    b_ds, b_dz = _add_state_grads(b_ds, b_dz, qf_base, dy_base, s_qft, s_dyt, DEN, DELTA, i_bh.to(tl.int64) * T,
+                                  i_g * SUPER, tl.minimum(i_g * SUPER + SUPER, NT), o_f, m_f, o_d, m_d, T,
+                                  BT, UPCAST, PRECISION, STATE_DOT)
+    o_state = (i_bh.to(tl.int64) * NS + i_g) * F
+    tl.store(DS + (o_state + o_f[:, None]) * D + o_d[None, :], b_ds.to(DS.dtype.element_ty),
+             mask=m_f[:, None] & m_d[None, :])
+    if i_d == 0:
+        tl.store(DZ + o_state + o_f, b_dz, mask=m_f)
+
+
+@triton.jit
+def _prefix_rows(P, row0, NS, N, o_e, m_e, REVERSE: tl.constexpr, CH: tl.constexpr, BE: tl.constexpr):
+    """In place over rows row0 .. row0 + NS − 1 of the (·, N) matrix P, columns o_e: exclusive prefix
+    sum down the rows (REVERSE: up), fp32, CH rows per step (one tl.cumsum each)."""
+    b_carry = tl.zeros([BE], dtype=tl.float32)
+    for i_c in range(0, tl.cdiv(NS, CH)):
+        o_k = i_c * CH + tl.arange(0, CH)  # position in scan order
+        if REVERSE:
+            o_g = NS - 1 - o_k
+        else:
+            o_g = o_k
+        p = P + (row0 + o_g.to(tl.int64))[:, None] * N + o_e[None, :]
+        m = (o_k < NS)[:, None] & m_e[None, :]
+        b_x = tl.load(p, mask=m, other=0.0).to(tl.float32)
+        b_inclusive = tl.cumsum(b_x, 0)
+        tl.store(p, (b_carry[None, :] + (b_inclusive - b_x)).to(P.dtype.element_ty), mask=m)
+        b_carry += tl.sum(b_x, 0)
+
+
+@triton.jit
+def _state_prefix_kernel(
+    S, Z, NS, D, F,
+    REVERSE: tl.constexpr, CH: tl.constexpr, BE: tl.constexpr,
+):
+    """M > 1, second level, in place over the NS sums of one (b, h), BE elements of the flattened F × D
+    state per program: S[g] <- Σ_{g' < g} S[g'] (REVERSE: Σ_{g' > g}), exclusive, summed in fp32;
+    Z likewise (by the programs whose elements start below F). CH sums per step, so the sequential
+    part is NS / CH steps."""
+    i_e, i_bh = tl.program_id(0), tl.program_id(1)
+    o_e = i_e * BE + tl.arange(0, BE)
+    row0 = i_bh.to(tl.int64) * NS
+    _prefix_rows(S, row0, NS, F * D, o_e, o_e < F * D, REVERSE, CH, BE)
+    if i_e * BE < F:
+        _prefix_rows(Z, row0, NS, F, o_e, o_e < F, REVERSE, CH, BE)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _hybrid_fwd_kernel(
-    Q, K, V, QF, KF, GAMMA, S, Z, Y, C, ARG, DEN,
-    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-    s_qfb, s_qfh, s_qft, s_kfb, s_kfh, s_kft, s_yb, s_yh, s_yt,
-    T, NT, HQ, GROUP, D, F, qk_scale,
-    WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
+def _fwd_direct_keys(
+    b_q, b_qf, b_gamma, k_base, v_base, kf_base, s_kt, s_vt, s_kft,
+    i_t, o_t, m_t, o_d, m_d, o_f, m_f, T, qk_scale,
+    WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One query tile of one query head: y (B, H, T, D); C = c_n·log2(e), DEN (B·H, T) fp32 and
-    ARG (B·H, T) int32, the position of the window max."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HQ, i_bh % HQ
-    i_hk = i_h // GROUP
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
-    m_t, m_d, m_f = o_t < T, o_d < D, o_f < F
-    q_base = Q + i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
-    qf_base = QF + i_b.to(tl.int64) * s_qfb + i_h.to(tl.int64) * s_qfh
-    k_base = K + i_b.to(tl.int64) * s_kb + i_hk.to(tl.int64) * s_kh
-    v_base = V + i_b.to(tl.int64) * s_vb + i_hk.to(tl.int64) * s_vh
-    kf_base = KF + i_b.to(tl.int64) * s_kfb + i_h.to(tl.int64) * s_kfh
-
-    b_q = _load_tile(q_base, s_qt, o_t, m_t, o_d, m_d, UPCAST)
-    b_qf = _load_tile(qf_base, s_qft, o_t, m_t, o_f, m_f, UPCAST)
-    b_gamma = tl.load(GAMMA + i_h).to(tl.float32)
+    """Query tile i_t against its key tiles i_first .. i_t. Returns the numerator (BT × BD) and the
+    denominator (BT) of the window and in-tile linear keys, the window max c (base 2) and its position."""
     i_first = _first_key_tile(i_t, BT, WINDOW, TERRACE)
     last_ws = _last_window_start(i_t, T, BT, WINDOW, TERRACE)
 
@@ -297,22 +463,87 @@ def _hybrid_fwd_kernel(
                 b_p += tl.where(m_lin, b_pl, 0.0)
             b_den += tl.sum(b_p, 1)
             b_acc += tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return b_acc, b_den, b_c, b_arg
 
-    # The linear state over all keys before tile i_first (empty when i_first == 0).
-    if i_first > 0:
-        o_state = (i_bh.to(tl.int64) * NT + i_first) * F
+
+@triton.jit
+def _fwd_store(y_base, s_yt, C, ARG, DEN, row_base, o_t, m_t, o_d, m_d, b_acc, b_den, b_c, b_arg):
+    _store_tile(y_base, s_yt, o_t, m_t, o_d, m_d, b_acc / b_den[:, None])
+    tl.store(C + row_base + o_t, b_c, mask=m_t)
+    tl.store(ARG + row_base + o_t, b_arg, mask=m_t)
+    tl.store(DEN + row_base + o_t, b_den, mask=m_t)
+
+
+@triton.jit
+def _hybrid_fwd_kernel(
+    Q, K, V, QF, KF, GAMMA, S, Z, Y, C, ARG, DEN,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+    s_qfb, s_qfh, s_qft, s_kfb, s_kfh, s_kft, s_yb, s_yh, s_yt,
+    T, NT, NS, HQ, GROUP, D, F, qk_scale,
+    WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr, SUPER: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
+):
+    """The SUPER query tiles of super-chunk g of one query head: y (B, H, T, D); C = c_n·log2(e),
+    DEN (B·H, T) fp32 and ARG (B·H, T) int32, the position of the window max. S, Z: the states at every
+    tile boundary (SUPER = 1, (B·H, NT, ·)) or the super-chunk boundaries P[g] (SUPER > 1, (B·H, NS, ·))."""
+    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_hk = i_h // GROUP
+    o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
+    m_d, m_f = o_d < D, o_f < F
+    q_base = Q + i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
+    qf_base = QF + i_b.to(tl.int64) * s_qfb + i_h.to(tl.int64) * s_qfh
+    k_base = K + i_b.to(tl.int64) * s_kb + i_hk.to(tl.int64) * s_kh
+    v_base = V + i_b.to(tl.int64) * s_vb + i_hk.to(tl.int64) * s_vh
+    kf_base = KF + i_b.to(tl.int64) * s_kfb + i_h.to(tl.int64) * s_kfh
+    y_base = Y + i_b.to(tl.int64) * s_yb + i_h.to(tl.int64) * s_yh
+    row_base = i_bh.to(tl.int64) * T
+    b_gamma = tl.load(GAMMA + i_h).to(tl.float32)
+
+    if SUPER == 1:
+        # One tile; its state S[i_first] is loaded after the window passes (fewer live registers).
+        i_t = i_g
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_q = _load_tile(q_base, s_qt, o_t, m_t, o_d, m_d, UPCAST)
+        b_qf = _load_tile(qf_base, s_qft, o_t, m_t, o_f, m_f, UPCAST)
+        b_acc, b_den, b_c, b_arg = _fwd_direct_keys(
+            b_q, b_qf, b_gamma, k_base, v_base, kf_base, s_kt, s_vt, s_kft, i_t, o_t, m_t, o_d, m_d, o_f, m_f,
+            T, qk_scale, WINDOW, TERRACE, KSPAN, BT, BD, UPCAST, PRECISION)
+        # The linear state over all keys before tile i_first (empty when i_first == 0).
+        i_first = _first_key_tile(i_t, BT, WINDOW, TERRACE)
+        if i_first > 0:
+            o_state = (i_bh.to(tl.int64) * NS + i_first) * F
+            b_state = tl.load(S + (o_state + o_f[:, None]) * D + o_d[None, :],
+                              mask=m_f[:, None] & m_d[None, :], other=0.0)
+            b_z = tl.load(Z + o_state + o_f, mask=m_f, other=0.0)
+            b_acc += tl.dot(b_qf.to(STATE_DOT), b_state.to(STATE_DOT), input_precision=PRECISION)
+            b_den += tl.sum(b_qf.to(tl.float32) * b_z[None, :], 1)
+        _fwd_store(y_base, s_yt, C, ARG, DEN, row_base, o_t, m_t, o_d, m_d, b_acc, b_den, b_c, b_arg)
+    else:
+        # The boundary state P[g], then per tile the key tiles that left the window, in fp32 registers.
+        o_state = (i_bh.to(tl.int64) * NS + i_g) * F
         b_state = tl.load(S + (o_state + o_f[:, None]) * D + o_d[None, :],
-                          mask=m_f[:, None] & m_d[None, :], other=0.0)
+                          mask=m_f[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         b_z = tl.load(Z + o_state + o_f, mask=m_f, other=0.0)
-        b_acc += tl.dot(b_qf.to(STATE_DOT), b_state.to(STATE_DOT), input_precision=PRECISION)
-        b_den += tl.sum(b_qf.to(tl.float32) * b_z[None, :], 1)
-
-    b_y = b_acc / b_den[:, None]
-    _store_tile(Y + i_b.to(tl.int64) * s_yb + i_h.to(tl.int64) * s_yh, s_yt, o_t, m_t, o_d, m_d, b_y)
-    o_row = i_bh.to(tl.int64) * T + o_t
-    tl.store(C + o_row, b_c, mask=m_t)
-    tl.store(ARG + o_row, b_arg, mask=m_t)
-    tl.store(DEN + o_row, b_den, mask=m_t)
+        i_t0 = i_g * SUPER
+        for i_m in range(0, tl.minimum(SUPER, NT - i_t0)):
+            i_t = i_t0 + i_m
+            o_t = i_t * BT + tl.arange(0, BT)
+            m_t = o_t < T
+            b_q = _load_tile(q_base, s_qt, o_t, m_t, o_d, m_d, UPCAST)
+            b_qf = _load_tile(qf_base, s_qft, o_t, m_t, o_f, m_f, UPCAST)
+            b_acc, b_den, b_c, b_arg = _fwd_direct_keys(
+                b_q, b_qf, b_gamma, k_base, v_base, kf_base, s_kt, s_vt, s_kft, i_t, o_t, m_t, o_d, m_d, o_f,
+                m_f, T, qk_scale, WINDOW, TERRACE, KSPAN, BT, BD, UPCAST, PRECISION)
+            b_state, b_z = _fold_key_tiles(
+                b_state, b_z, kf_base, v_base, s_kft, s_vt,
+                _first_key_tile(tl.maximum(i_t - 1, i_t0), BT, WINDOW, TERRACE),
+                _first_key_tile(i_t, BT, WINDOW, TERRACE), o_f, m_f, o_d, m_d, T, BT, UPCAST, PRECISION)
+            b_acc += tl.dot(b_qf.to(STATE_DOT), b_state.to(STATE_DOT), input_precision=PRECISION)
+            b_den += tl.sum(b_qf.to(tl.float32) * b_z[None, :], 1)
+            _fwd_store(y_base, s_yt, C, ARG, DEN, row_base, o_t, m_t, o_d, m_d, b_acc, b_den, b_c, b_arg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +559,8 @@ def _hybrid_fwd_kernel(
 #   state:  dφq_n += S g_n + z h_n, and dS = Σ_n φq_n g_nᵀ, dz = Σ_n φq_n h_n flow back to the keys.
 # The window terms and the linear terms live in separate kernels (as a FlashAttention backward and a
 # linear-attention backward): one kernel holding both needs more registers than an SM has (D = F = 128).
-# Launch order: dq_window (writes δ and ρ), dq_linear (dS), the reverse scan, dkv_linear (writes dv),
-# dkv_window (adds its part to dv).
+# Launch order: dq_window (writes δ and ρ), the state scan (recomputed), dq_linear (and the per-tile dS
+# when M_bwd = 1), the reverse scan of dS, dkv_linear (writes dv's linear part), dkv_window (adds its part).
 
 
 @triton.jit
@@ -395,33 +626,14 @@ def _bwd_dq_window_kernel(
 
 
 @triton.jit
-def _bwd_dq_linear_kernel(
-    V, QF, KF, S, Z, DY, DEN, DELTA,
-    DQF, DS, DZ,
-    s_vb, s_vh, s_vt, s_qfb, s_qfh, s_qft, s_kfb, s_kfh, s_kft, s_dyb, s_dyh, s_dyt, s_dqfb, s_dqfh, s_dqft,
-    T, NT, HQ, GROUP, D, F,
-    WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BFS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
+def _dq_linear_direct(
+    b_dy, b_inv_den, b_h, v_base, kf_base, s_vt, s_kft, i_t, o_t, o_d, m_d, o_f, m_f, T,
+    WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One query tile of one query head, linear terms: dφq (in-tile linear keys and the state), and
-    DS/DZ[b·h, i] = the gradient w.r.t. the state the tile read (zero use when i_first = 0)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HQ, i_bh % HQ
-    i_hk = i_h // GROUP
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
-    m_t, m_d, m_f = o_t < T, o_d < D, o_f < F
-    v_base = V + i_b.to(tl.int64) * s_vb + i_hk.to(tl.int64) * s_vh
-    kf_base = KF + i_b.to(tl.int64) * s_kfb + i_h.to(tl.int64) * s_kfh
-
-    b_dy = _load_tile(DY + i_b.to(tl.int64) * s_dyb + i_h.to(tl.int64) * s_dyh, s_dyt, o_t, m_t, o_d, m_d, UPCAST)
-    o_row = i_bh.to(tl.int64) * T + o_t
-    b_inv_den = 1.0 / tl.load(DEN + o_row, mask=m_t, other=1.0)
-    b_h = -tl.load(DELTA + o_row, mask=m_t, other=0.0) * b_inv_den
+    """dφq of query tile i_t from the linear keys of its key tiles i_first .. i_t (BT × BF, fp32)."""
     i_first = _first_key_tile(i_t, BT, WINDOW, TERRACE)
     last_ws = _last_window_start(i_t, T, BT, WINDOW, TERRACE)
-
     b_dqf = tl.zeros([BT, BF], dtype=tl.float32)
     for i_dj in tl.static_range(KSPAN):
         i_j = i_first + i_dj
@@ -434,20 +646,16 @@ def _bwd_dq_linear_kernel(
             b_dp = tl.dot(b_dy, tl.trans(b_v), input_precision=PRECISION) * b_inv_den[:, None] + b_h[:, None]
             b_dp = tl.where(m_lin, b_dp, 0.0)
             b_dqf += tl.dot(b_dp.to(b_kf.dtype), b_kf, input_precision=PRECISION)
+    return b_dqf
 
-    b_g = (b_dy.to(tl.float32) * b_inv_den[:, None]).to(STATE_DOT)
-    if i_first > 0:
-        o_state = (i_bh.to(tl.int64) * NT + i_first) * F
-        b_state = tl.load(S + (o_state + o_f[:, None]) * D + o_d[None, :],
-                          mask=m_f[:, None] & m_d[None, :], other=0.0).to(STATE_DOT)
-        b_z = tl.load(Z + o_state + o_f, mask=m_f, other=0.0)
-        b_dqf += tl.dot(b_g, tl.trans(b_state), input_precision=PRECISION)
-        b_dqf += b_h[:, None] * b_z[None, :]
-    _store_tile(DQF + i_b.to(tl.int64) * s_dqfb + i_h.to(tl.int64) * s_dqfh, s_dqft, o_t, m_t, o_f, m_f, b_dqf)
 
-    # dS_i = φqᵀ g, BFS features at a time (an F × D fp32 block at once would spill registers).
-    o_tile = (i_bh.to(tl.int64) * NT + i_t) * F
-    qf_base = QF + i_b.to(tl.int64) * s_qfb + i_h.to(tl.int64) * s_qfh
+@triton.jit
+def _store_tile_dstate(
+    DS, DZ, qf_base, s_qft, b_g, b_h, o_tile, o_t, m_t, o_d, m_d, D, F,
+    BF: tl.constexpr, BFS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
+):
+    """dS_i = φqᵀ g and dz_i = φqᵀ h of one query tile at DS/DZ offset o_tile (= (b·h·NT + i)·F), BFS
+    features at a time (an F × D fp32 block at once would spill registers next to the dφq accumulator)."""
     for i_fs in tl.static_range(BF // BFS):
         o_fs = i_fs * BFS + tl.arange(0, BFS)
         m_fs = o_fs < F
@@ -456,6 +664,83 @@ def _bwd_dq_linear_kernel(
         tl.store(DS + (o_tile + o_fs[:, None]) * D + o_d[None, :], b_dstate.to(DS.dtype.element_ty),
                  mask=m_fs[:, None] & m_d[None, :])
         tl.store(DZ + o_tile + o_fs, tl.sum(b_qf_part.to(tl.float32) * b_h[:, None], 0), mask=m_fs)
+
+
+@triton.jit
+def _bwd_dq_linear_kernel(
+    V, QF, KF, S, Z, DY, DEN, DELTA,
+    DQF, DS, DZ,
+    s_vb, s_vh, s_vt, s_qfb, s_qfh, s_qft, s_kfb, s_kfh, s_kft, s_dyb, s_dyh, s_dyt, s_dqfb, s_dqfh, s_dqft,
+    T, NT, NS, HQ, GROUP, D, F,
+    WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr, SUPER: tl.constexpr,
+    WRITE_DSTATE: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BFS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
+):
+    """The SUPER query tiles of super-chunk g of one query head, linear terms: dφq (in-tile linear keys
+    and the state, S and Z laid out as in the forward), and with WRITE_DSTATE (per-tile state gradients,
+    M_bwd = 1) DS/DZ[b·h, i] = the gradient w.r.t. the state tile i read (zero use when i_first = 0)."""
+    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_hk = i_h // GROUP
+    o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
+    m_d, m_f = o_d < D, o_f < F
+    v_base = V + i_b.to(tl.int64) * s_vb + i_hk.to(tl.int64) * s_vh
+    kf_base = KF + i_b.to(tl.int64) * s_kfb + i_h.to(tl.int64) * s_kfh
+    qf_base = QF + i_b.to(tl.int64) * s_qfb + i_h.to(tl.int64) * s_qfh
+    dy_base = DY + i_b.to(tl.int64) * s_dyb + i_h.to(tl.int64) * s_dyh
+    dqf_base = DQF + i_b.to(tl.int64) * s_dqfb + i_h.to(tl.int64) * s_dqfh
+    row_base = i_bh.to(tl.int64) * T
+
+    if SUPER == 1:
+        i_t = i_g
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_dy = _load_tile(dy_base, s_dyt, o_t, m_t, o_d, m_d, UPCAST)
+        b_inv_den = 1.0 / tl.load(DEN + row_base + o_t, mask=m_t, other=1.0)
+        b_h = -tl.load(DELTA + row_base + o_t, mask=m_t, other=0.0) * b_inv_den
+        b_dqf = _dq_linear_direct(b_dy, b_inv_den, b_h, v_base, kf_base, s_vt, s_kft, i_t, o_t, o_d, m_d, o_f, m_f,
+                                  T, WINDOW, TERRACE, KSPAN, BT, BF, UPCAST, PRECISION)
+        b_g = (b_dy.to(tl.float32) * b_inv_den[:, None]).to(STATE_DOT)
+        i_first = _first_key_tile(i_t, BT, WINDOW, TERRACE)
+        if i_first > 0:
+            o_state = (i_bh.to(tl.int64) * NS + i_first) * F
+            b_state = tl.load(S + (o_state + o_f[:, None]) * D + o_d[None, :],
+                              mask=m_f[:, None] & m_d[None, :], other=0.0).to(STATE_DOT)
+            b_z = tl.load(Z + o_state + o_f, mask=m_f, other=0.0)
+            b_dqf += tl.dot(b_g, tl.trans(b_state), input_precision=PRECISION)
+            b_dqf += b_h[:, None] * b_z[None, :]
+        _store_tile(dqf_base, s_dqft, o_t, m_t, o_f, m_f, b_dqf)
+        if WRITE_DSTATE:
+            _store_tile_dstate(DS, DZ, qf_base, s_qft, b_g, b_h, (i_bh.to(tl.int64) * NT + i_t) * F, o_t, m_t,
+                               o_d, m_d, D, F, BF, BFS, UPCAST, PRECISION, STATE_DOT)
+    else:
+        # As the forward: the boundary state P[g], then the key tiles that leave the window, in registers.
+        o_state = (i_bh.to(tl.int64) * NS + i_g) * F
+        b_state = tl.load(S + (o_state + o_f[:, None]) * D + o_d[None, :],
+                          mask=m_f[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_z = tl.load(Z + o_state + o_f, mask=m_f, other=0.0)
+        i_t0 = i_g * SUPER
+        for i_m in range(0, tl.minimum(SUPER, NT - i_t0)):
+            i_t = i_t0 + i_m
+            o_t = i_t * BT + tl.arange(0, BT)
+            m_t = o_t < T
+            b_dy = _load_tile(dy_base, s_dyt, o_t, m_t, o_d, m_d, UPCAST)
+            b_inv_den = 1.0 / tl.load(DEN + row_base + o_t, mask=m_t, other=1.0)
+            b_h = -tl.load(DELTA + row_base + o_t, mask=m_t, other=0.0) * b_inv_den
+            b_dqf = _dq_linear_direct(b_dy, b_inv_den, b_h, v_base, kf_base, s_vt, s_kft, i_t, o_t, o_d, m_d, o_f,
+                                      m_f, T, WINDOW, TERRACE, KSPAN, BT, BF, UPCAST, PRECISION)
+            b_state, b_z = _fold_key_tiles(
+                b_state, b_z, kf_base, v_base, s_kft, s_vt,
+                _first_key_tile(tl.maximum(i_t - 1, i_t0), BT, WINDOW, TERRACE),
+                _first_key_tile(i_t, BT, WINDOW, TERRACE), o_f, m_f, o_d, m_d, T, BT, UPCAST, PRECISION)
+            b_g = (b_dy.to(tl.float32) * b_inv_den[:, None]).to(STATE_DOT)
+            b_dqf += tl.dot(b_g, tl.trans(b_state.to(STATE_DOT)), input_precision=PRECISION)
+            b_dqf += b_h[:, None] * b_z[None, :]
+            _store_tile(dqf_base, s_dqft, o_t, m_t, o_f, m_f, b_dqf)
+            if WRITE_DSTATE:
+                _store_tile_dstate(DS, DZ, qf_base, s_qft, b_g, b_h, (i_bh.to(tl.int64) * NT + i_t) * F, o_t, m_t,
+                                   o_d, m_d, D, F, BF, BFS, UPCAST, PRECISION, STATE_DOT)
 
 
 @triton.jit
@@ -469,7 +754,7 @@ def _bwd_dkv_linear_kernel(
     BT: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
 ):
-    """One key tile of one kv head, linear terms: dφk of every query head of the group, and dv's
+    """M_bwd = 1: one key tile of one kv head, linear terms: dφk of every query head of the group, and dv's
     linear part (summed over the group in registers) into DV_LINEAR (B·Hkv, T, D) fp32, for the window
     kernel to add to its part.
     R/RZ are the reverse prefix sums of the state gradients."""
@@ -535,6 +820,83 @@ def _bwd_dkv_linear_kernel(
 
 
 @triton.jit
+def _bwd_dkv_linear_carry_kernel(
+    V, QF, KF, DY, DEN, DELTA, R, RZ,
+    DV_LINEAR, DKF,
+    s_vb, s_vh, s_vt, s_qfb, s_qfh, s_qft, s_kfb, s_kfh, s_kft, s_dyb, s_dyh, s_dyt,
+    s_dkfb, s_dkfh, s_dkft,
+    T, NT, NS, HQ, GROUP, D, F,
+    WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr, SUPER: tl.constexpr,
+    BT: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT: tl.constexpr,
+):
+    """M > 1: the key tiles K_g of one query head, walked backwards with the state gradient in registers:
+    dφk, and this head's part of dv's linear terms into DV_LINEAR (B·H, T, D) fp32 (the window kernel sums
+    the group; one carry per query head would not fit in registers). R/RZ[b·h, g] = Σ_{g' > g} of the
+    super-chunk sums of dS, dz."""
+    i_g, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    i_hk = i_h // GROUP
+    o_d, o_f = tl.arange(0, BD), tl.arange(0, BF)
+    m_d, m_f = o_d < D, o_f < F
+    v_base = V + i_b.to(tl.int64) * s_vb + i_hk.to(tl.int64) * s_vh
+    qf_base = QF + i_b.to(tl.int64) * s_qfb + i_h.to(tl.int64) * s_qfh
+    dy_base = DY + i_b.to(tl.int64) * s_dyb + i_h.to(tl.int64) * s_dyh
+    kf_base = KF + i_b.to(tl.int64) * s_kfb + i_h.to(tl.int64) * s_kfh
+    dkf_base = DKF + i_b.to(tl.int64) * s_dkfb + i_h.to(tl.int64) * s_dkfh
+    row_base = i_bh.to(tl.int64) * T
+
+    o_state = (i_bh.to(tl.int64) * NS + i_g) * F
+    b_dstate = tl.load(R + (o_state + o_f[:, None]) * D + o_d[None, :],
+                       mask=m_f[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    b_dz = tl.load(RZ + o_state + o_f, mask=m_f, other=0.0)
+    # The carry holds the dS_i of every query tile >= i_next (those after this super-chunk so far).
+    i_next = tl.minimum(i_g * SUPER + SUPER, NT)
+    i_lo, i_hi = _key_range(i_g, NT, NS, SUPER, BT, WINDOW, TERRACE)
+    for i_back in range(0, i_hi - i_lo):
+        i_j = i_hi - 1 - i_back
+        # Key tile i_j is in the state of the query tiles from i_after on; add the ones not yet carried.
+        i_after = _key_tile_after(i_j, BT, WINDOW, TERRACE, KSPAN)
+        b_dstate, b_dz = _add_state_grads(b_dstate, b_dz, qf_base, dy_base, s_qft, s_dyt, DEN, DELTA, row_base,
+                                          i_after, i_next, o_f, m_f, o_d, m_d, T, BT, UPCAST, PRECISION, STATE_DOT)
+        i_next = tl.minimum(i_next, i_after)
+
+        o_s = i_j * BT + tl.arange(0, BT)
+        m_s = o_s < T
+        b_v = _load_tile(v_base, s_vt, o_s, m_s, o_d, m_d, UPCAST)
+        b_kf = _load_tile(kf_base, s_kft, o_s, m_s, o_f, m_f, UPCAST)
+        b_dkf = tl.zeros([BT, BF], dtype=tl.float32)
+        b_dv = tl.zeros([BT, BD], dtype=tl.float32)
+        # Query tiles that read this key tile directly and hold linear keys in it.
+        for i_di in tl.static_range(KSPAN):
+            i_t = i_j + i_di
+            if i_t < NT:
+                if (_first_key_tile(i_t, BT, WINDOW, TERRACE) <= i_j) & (
+                        i_j * BT < _last_window_start(i_t, T, BT, WINDOW, TERRACE)):
+                    for i_q in tl.static_range(BT // BQ):
+                        o_t = i_t * BT + i_q * BQ + tl.arange(0, BQ)
+                        m_t = o_t < T
+                        b_qf = _load_tile(qf_base, s_qft, o_t, m_t, o_f, m_f, UPCAST)
+                        b_dy = _load_tile(dy_base, s_dyt, o_t, m_t, o_d, m_d, UPCAST)
+                        b_inv_den = 1.0 / tl.load(DEN + row_base + o_t, mask=m_t, other=1.0)
+                        b_h = -tl.load(DELTA + row_base + o_t, mask=m_t, other=0.0) * b_inv_den
+                        m_win, m_lin = _window_and_linear_masks(o_t, o_s, WINDOW, TERRACE)
+                        b_p = tl.where(m_lin, tl.dot(b_qf, tl.trans(b_kf), input_precision=PRECISION), 0.0)
+                        b_dp = tl.dot(b_dy, tl.trans(b_v), input_precision=PRECISION) * b_inv_den[:, None]
+                        b_dp = tl.where(m_lin, b_dp + b_h[:, None], 0.0)
+                        b_dkf += tl.dot(tl.trans(b_dp).to(b_qf.dtype), b_qf, input_precision=PRECISION)
+                        b_g = (b_dy.to(tl.float32) * b_inv_den[:, None]).to(b_dy.dtype)
+                        b_dv += tl.dot(tl.trans(b_p).to(b_dy.dtype), b_g, input_precision=PRECISION)
+        # State path: dφk_m += dU v_m + dz, dv_m += dUᵀ φk_m with dU = the carried R(i_j).
+        b_dstate_dot = b_dstate.to(STATE_DOT)
+        b_dkf += tl.dot(b_v.to(STATE_DOT), tl.trans(b_dstate_dot), input_precision=PRECISION) + b_dz[None, :]
+        b_dv += tl.dot(b_kf.to(STATE_DOT), b_dstate_dot, input_precision=PRECISION)
+        _store_tile(dkf_base, s_dkft, o_s, m_s, o_f, m_f, b_dkf)
+        p_dv = DV_LINEAR + i_bh.to(tl.int64) * T * D + (o_s[:, None] * D + o_d[None, :])
+        tl.store(p_dv, b_dv, mask=m_s[:, None] & m_d[None, :])
+
+
+@triton.jit
 def _bwd_dkv_window_kernel(
     Q, K, V, GAMMA, DY, C, ARG, DEN, DELTA, RHO, DV_LINEAR,
     DK, DV,
@@ -542,11 +904,12 @@ def _bwd_dkv_window_kernel(
     s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
     T, NT, HQ, GROUP, D, qk_scale, sm_scale,
     WINDOW: tl.constexpr, TERRACE: tl.constexpr, KSPAN: tl.constexpr,
-    BT: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr,
+    BT: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr, DV_PER_HEAD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One key tile of one kv head, window terms: dk and dv (summed over the query heads of the group
-    in registers, plus DV_LINEAR (B·Hkv, T, D) fp32 from the linear kernel)."""
+    in registers, plus the linear kernel's part: DV_LINEAR (B·Hkv, T, D) fp32, or with DV_PER_HEAD one
+    part per query head, (B·H, T, D) fp32, summed here)."""
     i_j, i_bk = tl.program_id(0), tl.program_id(1)
     HKV = HQ // GROUP
     i_b, i_hk = i_bk // HKV, i_bk % HKV
@@ -564,6 +927,9 @@ def _bwd_dkv_window_kernel(
         q_base = Q + i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
         dy_base = DY + i_b.to(tl.int64) * s_dyb + i_h.to(tl.int64) * s_dyh
         b_gamma = tl.load(GAMMA + i_h).to(tl.float32)
+        if DV_PER_HEAD:
+            p_dv_linear = DV_LINEAR + i_bh.to(tl.int64) * T * D + (o_s[:, None] * D + o_d[None, :])
+            b_dv += tl.load(p_dv_linear, mask=m_s[:, None] & m_d[None, :], other=0.0)
         # Query tiles that read this key tile directly: i_first(i) <= i_j <= i.
         for i_di in tl.static_range(KSPAN):
             i_t = i_j + i_di
@@ -589,7 +955,8 @@ def _bwd_dkv_window_kernel(
                     b_g = (b_dy.to(tl.float32) * b_inv_den[:, None]).to(b_dy.dtype)
                     b_dv += tl.dot(tl.trans(b_p).to(b_dy.dtype), b_g, input_precision=PRECISION)
 
-    p_dv_linear = DV_LINEAR + i_bk.to(tl.int64) * T * D + (o_s[:, None] * D + o_d[None, :])
-    b_dv += tl.load(p_dv_linear, mask=m_s[:, None] & m_d[None, :], other=0.0)
+    if not DV_PER_HEAD:
+        p_dv_linear = DV_LINEAR + i_bk.to(tl.int64) * T * D + (o_s[:, None] * D + o_d[None, :])
+        b_dv += tl.load(p_dv_linear, mask=m_s[:, None] & m_d[None, :], other=0.0)
     _store_tile(DK + i_b.to(tl.int64) * s_dkb + i_hk.to(tl.int64) * s_dkh, s_dkt, o_s, m_s, o_d, m_d, b_dk * sm_scale)
     _store_tile(DV + i_b.to(tl.int64) * s_dvb + i_hk.to(tl.int64) * s_dvh, s_dvt, o_s, m_s, o_d, m_d, b_dv)

@@ -3,11 +3,15 @@
 CPU tier (CI): the kernels under TRITON_INTERPRET=1 in fp32, at awkward shapes (T = 1, 57, 63, 64, 65,
 70, 100; windows 16, 24, 64; chunk sizes 16 and 64; GQA and not; D = 32, 64; F = 16, 32), forward and
 the gradients of all six inputs against quadratic_hybrid_attention, every buffer the host
-functions allocate filled with NaN first; the decode step against recurrent_hybrid_step, state
-included. GPU tier (`TRITON_INTERPRET=0 pytest -m gpu` on the GPU machine): the compiled kernels
-in bf16 up to T = 4096, against the fp32 reference on the same (rounded) inputs.
+functions allocate filled with NaN first, with one tile per program (super-chunk M = 1) and with
+super-chunks (M = 2, 3, 4, tile counts that M divides and does not, different M for the forward's states
+and the backward's state gradients); the super-chunk prefix kernel against torch.cumsum; the decode
+step against recurrent_hybrid_step, state included. GPU tier (`TRITON_INTERPRET=0 pytest -m gpu` on the GPU machine): the compiled kernels
+in bf16 up to T = 4096, against the fp32 reference on the same (rounded) inputs, with the table's
+super-chunk sizes and others.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -205,6 +209,75 @@ def test_gradient_flows_through_the_window_max():
 
 
 # ----------------------------------------------------------------------------------------------
+# Super-chunks: M query tiles per program of the state-carrying kernels
+# ----------------------------------------------------------------------------------------------
+
+# (batch, (Hq, Hkv), T, D, F, window_size, chunk_size, window_kind, M of the states, M of the state gradients)
+SUPER_CASES = [
+    # 4 tiles, M divides them: the last super-chunk's key range must run to the last key tile.
+    *(pytest.param(1, (4, 2), 63, 32, 16, 16, 16, "sliding", m, m, id=f"T63-w16-chunk16-sliding-M{m}")
+      for m in (1, 2, 4)),
+    # Terrace 24 on tiles of 16: key ranges of uneven length (0, 1 or 2 tiles); MHA.
+    *(pytest.param(1, (3, 3), 57, 32, 16, 24, 16, "terrace", m, m, id=f"T57-w24-chunk16-terrace-M{m}")
+      for m in (2, 4)),
+    # 5 tiles, M = 4 does not divide them; window 64 on tiles of 16 (KSPAN 5, key ranges of 0 or 4 tiles).
+    pytest.param(1, (4, 2), 80, 32, 32, 64, 16, "terrace", 4, 4, id="T80-w64-chunk16-terrace-M4"),
+    # Different M for the states and for the state gradients (per-tile dS with carried S, and the reverse).
+    pytest.param(1, (4, 2), 50, 32, 16, 16, 16, "sliding", 3, 1, id="T50-M3-then-M1"),
+    pytest.param(1, (4, 2), 50, 32, 16, 16, 16, "terrace", 1, 2, id="T50-M1-then-M2"),
+]
+
+
+@pytest.mark.parametrize("batch,heads,num_tokens,head_dim,feature_dim,window_size,chunk_size,window_kind,"
+                         "super_fwd,super_bwd", SUPER_CASES)
+def test_super_chunks_match_quadratic(poisoned, batch, heads, num_tokens, head_dim, feature_dim, window_size,
+                                      chunk_size, window_kind, super_fwd, super_bwd):
+    """Forward and all gradients with M tiles per state-carrying program; the state blocks are split
+    (16 features × 16 or 32 columns per program) so the super-chunk sums run on several programs."""
+    inputs = make_inputs(batch, heads, num_tokens, head_dim, feature_dim, seed=num_tokens + super_fwd)
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    configs = dict(
+        state_fwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=16, super_chunk=super_fwd),
+        state_bwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=32, super_chunk=super_bwd),
+    )
+    with launch_configs(**configs):
+        y = triton_hybrid_attention(**leaves, window_size=window_size, window_kind=window_kind, chunk_size=chunk_size)
+    num_tiles = -(-num_tokens // chunk_size)
+    stored = [shape for shape in poisoned if len(shape) == 4 and shape[-2:] == (feature_dim, head_dim)]
+    assert stored[0][1] == -(-num_tiles // super_fwd), "the forward did not store one state per super-chunk"
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+
+    reference = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    y_ref = quadratic_hybrid_attention(**reference, window_size=window_size, window_kind=window_kind)
+    grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy)
+    assert_close("y", y, y_ref, 1e-5)
+    for name, grad, grad_ref in zip(INPUT_NAMES, grads, grads_ref):
+        assert_close(f"d{name}", grad, grad_ref, 1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_prefix_is_an_exclusive_prefix_sum(reverse):
+    """The second level of the two-level scan, in place, over more sums than one step takes (PREFIX_ROWS)
+    and more state elements than one program takes (PREFIX_COLUMNS, with a masked tail)."""
+    num_heads, num_states, feature_dim, head_dim = 2, 2 * triton_api.PREFIX_ROWS + 3, 16, 40
+    assert feature_dim * head_dim > triton_api.PREFIX_COLUMNS
+    gen = torch.Generator().manual_seed(4)
+    states = torch.randn(num_heads, num_states, feature_dim, head_dim, generator=gen)
+    sums = torch.randn(num_heads, num_states, feature_dim, generator=gen)
+    expected = []
+    for x in (states, sums):
+        x = x.flip(1) if reverse else x
+        exclusive = torch.cat([torch.zeros_like(x[:, :1]), x.cumsum(1)[:, :-1]], dim=1)
+        expected.append(exclusive.flip(1) if reverse else exclusive)
+    q = torch.empty(1, num_heads, 1, head_dim)
+    geo = triton_api._Geometry(q, q, torch.empty(1, num_heads, 1, feature_dim), 16, "sliding", 16)
+    triton_api.state_prefix(states, sums, geo, "state_fwd", reverse=reverse)
+    assert_close("states", states, expected[0], 1e-6)
+    assert_close("sums", sums, expected[1], 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launch configs
 # ----------------------------------------------------------------------------------------------
 
@@ -239,7 +312,8 @@ def test_overridden_launch_configs_give_the_same_results(poisoned, window_kind):
 
 def test_launch_config_errors_and_table_loading(tmp_path, monkeypatch):
     for fields, name in [(dict(num_warps=3), "num_warps"), (dict(num_stages=0), "num_stages"),
-                         (dict(block_q=24), "block_q"), (dict(block_f=8), "block_f")]:
+                         (dict(block_q=24), "block_q"), (dict(block_f=8), "block_f"),
+                         (dict(super_chunk=0), "super_chunk"), (dict(super_chunk=2.0), "super_chunk")]:
         with pytest.raises(ValueError, match=name):
             LaunchConfig(**fields)
     with pytest.raises(ValueError, match="unknown kernel"):
@@ -248,13 +322,14 @@ def test_launch_config_errors_and_table_loading(tmp_path, monkeypatch):
     # A tune result replaces one kernel of one row; the other kernels and rows keep their settings.
     monkeypatch.setattr(triton_api, "DEFAULT_LAUNCH_CONFIGS", dict(triton_api.DEFAULT_LAUNCH_CONFIGS))
     before = resolve_launch_configs(128, 128)
+    other_row_before = resolve_launch_configs(64, 128)
     path = tmp_path / "tune.json"
     path.write_text('{"device": "test", "table": {"128,128": {"fwd": {"num_warps": 4, "num_stages": 2}}}}')
     load_launch_table(str(path))
     after = resolve_launch_configs(100, 128)  # D = 100 uses the D-block 128 row
     assert after["fwd"] == LaunchConfig(num_warps=4, num_stages=2)
     assert {k: v for k, v in after.items() if k != "fwd"} == {k: v for k, v in before.items() if k != "fwd"}
-    assert resolve_launch_configs(64, 128)["fwd"] == before["fwd"]
+    assert resolve_launch_configs(64, 128) == other_row_before
     with pytest.raises(ValueError, match="table"):
         load_launch_table({"rows": []})
 
@@ -365,6 +440,26 @@ def _require_compiled():
 ])
 def test_gpu_bf16_matches_fp32_reference(batch, heads, num_tokens, head_dim, feature_dim, window_kind):
     _require_compiled()
+    _check_gpu_bf16(batch, heads, num_tokens, head_dim, feature_dim, window_kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,heads,num_tokens,head_dim,feature_dim,window_kind,super_chunk", [
+    pytest.param(1, (8, 2), 2048, 128, 128, "terrace", 4, id="llama-shape-T2048-M4"),
+    pytest.param(2, (9, 3), 1000, 64, 128, "sliding", 1, id="smollm2-shape-T1000-M1"),
+    pytest.param(2, (9, 3), 1000, 64, 128, "terrace", 8, id="smollm2-shape-T1000-M8"),
+])
+def test_gpu_bf16_super_chunks_match_fp32_reference(batch, heads, num_tokens, head_dim, feature_dim, window_kind,
+                                                    super_chunk):
+    """Super-chunk sizes other than the table's (M = 4 at D = 64, 1 at D = 128), compiled, in bf16."""
+    _require_compiled()
+    row = resolve_launch_configs(head_dim, feature_dim)
+    with launch_configs(**{kernel: dataclasses.replace(row[kernel], super_chunk=super_chunk)
+                           for kernel in ("state_fwd", "state_bwd")}):
+        _check_gpu_bf16(batch, heads, num_tokens, head_dim, feature_dim, window_kind)
+
+
+def _check_gpu_bf16(batch, heads, num_tokens, head_dim, feature_dim, window_kind):
     inputs = make_inputs(batch, heads, num_tokens, head_dim, feature_dim, seed=0, device="cuda", dtype=torch.bfloat16)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
     y = triton_hybrid_attention(**leaves, window_size=64, window_kind=window_kind)
