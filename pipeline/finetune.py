@@ -532,6 +532,14 @@ class Stage2Worker:
         self.stats = {"rank": self.rank, "build_s": build_s, "init_s": time.perf_counter() - started,
                       "peak_gpu_bytes_after_init": _peak_gpu_bytes(options.use_gpu), "resumed_from_step": self.step,
                       "steps_run": 0, "train_s": 0.0}
+        # A 70B build takes minutes before the first step: say where the time went (Ray forwards rank 0's stdout).
+        self._say(f"model built in {build_s:.0f} s, engine ready at {self.stats['init_s']:.0f} s"
+                  + (f", {self.stats['peak_gpu_bytes_after_init'] / 1e9:.1f} GB GPU peak" if options.use_gpu else "")
+                  + (f"; resuming at step {self.step}" if self.step else ""))
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"finetune: {message}", flush=True)
 
     def _load_checkpoint(self, checkpoint: dict) -> tuple[dict, dict]:
         folder = checkpoint["dir"]
@@ -622,6 +630,9 @@ class Stage2Worker:
         while self.step < options.total_steps:
             record = self.train_step()
             record["seconds"] = round(time.time() - started, 2)
+            if self.stats["steps_run"] in (1, 5):  # the first steps' pace, long before the first evaluation
+                self._say(f"step {self.step}/{options.total_steps}: {record['seconds']:.1f} s since the start of "
+                          f"training, train loss {record['train_loss']:.4f}")
             if self.step % options.eval_every == 0 or self.step == options.total_steps:
                 record["eval_loss"] = self.evaluate()
                 self.schedule.observe(record["eval_loss"])

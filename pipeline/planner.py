@@ -18,13 +18,23 @@ derives, with every component printed:
   position ids (int64) and the validation sequences.
 * host RAM per node: each worker streams its boundary (a shard being used + one prefetched) and stages one
   weight tensor at a time from the checkpoint.
-* time: collect (teacher forward of all L layers over all tokens, spread over G workers, plus writing and
-  reading boundaries) + waves · (time of one k-layer block: teacher GEMMs, the hybrid in fp32, passes over
-  the score maps, reading the boundary and the block's weights).
+* time, as the driver (pipeline/run.py) and the stages (pipeline/stages.py) run it:
+      collect     a chain of one task per boundary, each after the one before: task b > 0 builds block b-1's
+                  teacher layers (random weights made on the host, or read from safetensors), reads boundary
+                  b-1, runs the layers over all tokens (moving the boundary to the GPU and back) and writes
+                  boundary b; task 0 embeds the tokens. The last block's layers never run in collect.
+      one block   building its k layers + the evaluation passes (data validation sequences, every eval_every
+                  optimizer steps) + training: the teacher's GEMMs at the decoder-layer rate and the student
+                  hybrid at a measured multiple of its FLOP and memory-pass model; the boundary read overlaps it.
+      wall        the schedule: block b starts when boundary b is complete, on a free GPU (collect holds one).
+  Every task also pays a fixed overhead (Ray dispatch, worker start). Stage 2 (LoRA, for the cost line): its
+  FLOP bound times a measured efficiency, plus building the model partitioned under ZeRO-3.
 
 It keeps the k that fit GPU memory, disk and host RAM, and chooses the smallest wall time (ties: larger k,
-which needs less disk). Time constants come from configs/hardware/<name>.yaml; `--calibrate` measures
-this machine and writes one.
+which needs less disk). Time constants come from configs/hardware/<name>.yaml: rates that `--calibrate`
+measures on this machine, and constants fitted on measured pipeline runs (each documented in the preset with
+the run it came from); `--check RUN.json ...` re-plans measured runs (pipeline/bench_scale.py) with their own
+inputs and prints planned against measured, the fitted runs and the ones they are checked on.
 
 Derivation of the per-layer tensor counts (KernelProfile): the stage-1 step of blocks/ (blocks.transfer.
 transfer_loss: HybridAttention in 'transfer' mode, teacher attention by SDPA under no_grad, student hybrid in
@@ -54,11 +64,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import CONFIGS_DIR, ConfigError, ModelConfig, load_cluster_config, load_model_config, load_yaml
+from pipeline.config import CONFIGS_DIR, ConfigError, ModelConfig, RunConfig, load_cluster_config, load_model_config
+from pipeline.config import load_yaml, resolve_run_config
 from pipeline.config import parse_bytes, parse_count
 
 HARDWARE_DIR = CONFIGS_DIR / "hardware"
 KERNELS = ("quadratic", "chunked")
+WEIGHT_SOURCES = ("random", "checkpoint")
 GB, TB, HOUR = 1e9, 1e12, 3600.0
 FP32, BF16, INT64 = 4, 2, 8
 TRAINABLE_BYTES_PER_PARAM = 20  # fp32 parameter, grad, AdamW m and v, and the best-checkpoint copy
@@ -70,7 +82,12 @@ TRAINABLE_BYTES_PER_PARAM = 20  # fp32 parameter, grad, AdamW m and v, and the b
 
 @dataclass(frozen=True)
 class Hardware:
-    """Time constants of one kind of worker (configs/hardware/<name>.yaml)."""
+    """Time constants of one kind of worker (configs/hardware/<name>.yaml).
+
+    The first group is calibrated by `--calibrate` (rates of this machine). The second group is fitted on measured
+    pipeline runs (`--check` re-plans those runs and prints planned against measured); each is optional, and a
+    preset that lacks one leaves that term out of its plans (the plan says which). The preset's comments name the
+    run and the arithmetic behind every fitted value."""
 
     name: str
     layer_tflops: float
@@ -82,33 +99,74 @@ class Hardware:
     disk_write_GBps: float
     """Sequential write throughput of the cache storage, per worker (assumed to scale with workers)."""
     disk_read_GBps: float
+    """Sequential read throughput: cache boundaries, and layer weights from a safetensors checkpoint."""
     runtime_reserve_GB: float
     """Device memory the model cannot use: CUDA context, library workspaces, allocator fragmentation."""
     measured: bool = False
+    # Fitted on measured runs; None = not measured for this preset (the term is left out).
+    stage1_attention_slowdown: float | None = None
+    """Stage-1 step time beyond the teacher's GEMMs, over the modelled time of the chunked hybrid (its fp32 FLOPs
+    at fp32_tflops + its map passes at memory_GBps). A ratio to this machine's own rates."""
+    eval_step_fraction: float | None = None
+    """Seconds of a stage-1 evaluation pass per token and layer (forward only, per-layer MSE read back), as a
+    fraction of a training micro-step's per token and layer. A ratio."""
+    weight_build_params_per_s: float | None = None
+    """Deterministic random weights made by one task on the host and moved to its GPU, parameters per second
+    (per task; the measured runs had 1 to 4 tasks building at once and showed no dependence on that number)."""
+    host_copy_GBps: float | None = None
+    """Collect: moving a boundary between the GPU and host memory (to the GPU, back, and joined into a shard),
+    bytes per second of one boundary moved once."""
+    cache_write_GBps: float | None = None
+    """Effective rate of writing cache shards (safetensors serialisation, sha256, write, fsync). None: the raw
+    disk_write_GBps."""
+    task_overhead_s: float | None = None
+    """Seconds per Ray task beyond its modelled work: dispatch, worker and CUDA start, plan and cache indexes."""
+    lora_efficiency: float | None = None
+    """Stage 2: tokens/s per rank (ZeRO-3) over the FLOP bound at layer_tflops (4 FLOPs per token per matmul
+    weight: forward and activation gradients). A ratio. None: stage 2 is the FLOP-bound lower bound."""
+    lora_startup_params_per_s: float | None = None
+    """Stage 2: building the model partitioned under ZeRO-3 plus the DeepSpeed engine, parameters per second
+    per rank (each rank makes 1/world of the tensors)."""
+    fitted_on: str = ""
+    """The model preset of the run the fitted constants came from (`--check` marks its rows 'fit')."""
     source: str = ""
+
+    FITTED = ("stage1_attention_slowdown", "eval_step_fraction", "weight_build_params_per_s", "host_copy_GBps",
+              "cache_write_GBps", "task_overhead_s", "lora_efficiency", "lora_startup_params_per_s")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "Hardware":
         names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-        required = [n for n in names if n not in ("measured",)]
-        missing = [n for n in required if n not in data]
+        optional = ("measured", "fitted_on", *cls.FITTED)
+        missing = [n for n in names if n not in optional and n not in data]
         if missing:
             raise ConfigError(f"--hardware: {source or 'preset'} lacks {missing}")
+        unknown = sorted(set(data) - set(names) - {"matmul_tflops", "layer_fwd_bwd_tflops"})
+        if unknown:
+            raise ConfigError(f"--hardware: {source or 'preset'}: unknown keys {unknown}; valid: {names}")
         values = {}
         for key in names:
             if key not in data:
                 continue
             value = data[key]
-            if key == "name":
+            if key in ("name", "fitted_on"):
                 values[key] = str(value)
             elif key == "measured":
                 values[key] = bool(value)
+            elif value is None and key in cls.FITTED:
+                values[key] = None
             else:
+                zero_ok = key in ("runtime_reserve_GB", "task_overhead_s")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                        value == 0 and key != "runtime_reserve_GB"):
-                    raise ConfigError(f"--hardware: {source}: {key} must be a positive number, got {value!r}")
+                        value == 0 and not zero_ok):
+                    raise ConfigError(f"--hardware: {source}: {key} must be "
+                                      f"{'a number >= 0' if zero_ok else 'a positive number'}, got {value!r}")
                 values[key] = float(value)
         return cls(source=source, **values)
+
+    def left_out(self) -> list[str]:
+        """The fitted constants this preset lacks (their terms are not in its plans)."""
+        return [key for key in self.FITTED if getattr(self, key) is None and key != "cache_write_GBps"]
 
 
 def hardware_names() -> list[str]:
@@ -142,10 +200,28 @@ class Workload:
     window_size: int = 64
     shard_bytes: int = 512 * 10**6
     """Target size of one cache shard (the reader holds one, plus one prefetched)."""
+    grad_accum: int = 8
+    """Micro-batches per optimizer step (transfer.grad_accum; the LoLCATs recipe's 8)."""
+    eval_every: int = 100
+    """Optimizer steps between evaluations on the validation sequences (transfer.eval_every; the recipe's 100)."""
+    weights: str | None = None
+    """'random' (deterministic weights generated on the host) or 'checkpoint' (safetensors read from disk);
+    None: the model preset's (model.weights)."""
 
     @property
     def train_sequences(self) -> int:
         return math.ceil(self.tokens / self.seq_len)
+
+    @property
+    def micro_steps(self) -> int:
+        return math.ceil(self.train_sequences * self.epochs / self.micro_batch)
+
+    @property
+    def evaluations(self) -> int:
+        """Evaluation passes of one block, as pipeline/stages.py transfer_block runs them: at step 0, every
+        eval_every optimizer steps, and after the last step unless it was just evaluated."""
+        steps = self.micro_steps // self.grad_accum
+        return 1 + math.ceil(steps / self.eval_every)
 
     @property
     def train_tokens_stored(self) -> int:
@@ -318,40 +394,138 @@ def flops_per_token_layer(model: ModelConfig, workload: Workload) -> dict[str, f
     return {"gemm": gemm, "sdpa_causal": sdpa_causal, "hybrid_fp32": hybrid, "teacher_attention_bf16": sdpa_causal}
 
 
-def block_times(model: ModelConfig, k: int, num_blocks: int, workload: Workload, hardware: Hardware,
-                limits: Limits) -> dict[str, float]:
-    """Seconds: collection (all workers), one k-layer block's transfer, and the wall time."""
-    L, d = model.num_layers, model.hidden_size
-    G = limits.workers
+def step_seconds(model: ModelConfig, workload: Workload, hardware: Hardware) -> dict[str, float]:
+    """Seconds per token and layer of one stage-1 training micro-step, by part: the teacher's GEMMs and SDPA in
+    bf16 at layer_tflops; the student hybrid's fp32 FLOPs and its score-map passes as modelled for the workload's
+    kernel; and 'attention', what the plan counts for the hybrid. With the preset's stage1_attention_slowdown
+    (measured on the chunked path, which is what the stages run: 'triton' on a GPU, 'blocked' on a CPU) that is
+    the chunked model times the slowdown, plus whatever the quadratic kernel adds over the chunked model at the
+    calibrated rates (the quadratic path was not measured)."""
+    def hybrid_and_maps(w: Workload) -> tuple[float, float]:
+        hybrid = flops_per_token_layer(model, w)["hybrid_fp32"] / (hardware.fp32_tflops * 1e12)
+        maps = (KERNEL_PROFILES[w.kernel].map_passes * model.num_heads * _score_map_keys(w) * FP32
+                / (hardware.memory_GBps * GB))
+        return hybrid, maps
+
     flops = flops_per_token_layer(model, workload)
-    layer_rate, fp32_rate = hardware.layer_tflops * 1e12, hardware.fp32_tflops * 1e12
-    write_bw, read_bw = hardware.disk_write_GBps * GB, hardware.disk_read_GBps * GB
-    boundary = (workload.train_tokens_stored + workload.val_tokens) * (d * BF16 + INT64)
-    layer_weights = model.params_per_layer * BF16
+    gemm = (flops["gemm"] + flops["teacher_attention_bf16"]) / (hardware.layer_tflops * 1e12)
+    hybrid, maps = hybrid_and_maps(workload)
+    attention = hybrid + maps
+    if hardware.stage1_attention_slowdown is not None:
+        chunked = sum(hybrid_and_maps(dataclasses.replace(workload, kernel="chunked")))
+        attention = hardware.stage1_attention_slowdown * chunked + max(0.0, attention - chunked)
+    return {"gemm": gemm, "hybrid": hybrid, "map_passes": maps, "attention": attention, "step": gemm + attention}
 
-    # Collect: worker for block b reads boundary b, runs k teacher layers (SDPA), writes boundary b+1.
-    # Pipelined over shards, so all G workers are busy; the fill of the pipeline is neglected.
-    collect_tokens = workload.train_tokens_stored + workload.val_tokens
-    collect_compute = collect_tokens * L * (flops["gemm"] + flops["sdpa_causal"]) / layer_rate / G
-    collect_io = (num_blocks * boundary / write_bw + (num_blocks - 1) * boundary / read_bw
-                  + L * layer_weights / read_bw) / G
 
-    # Transfer of one full block (the last, partial block is no slower): teacher forward + student
-    # hybrid forward/backward for every token of every epoch, the boundary read, the k layers' weights.
+def weights_source(model: ModelConfig, workload: Workload) -> str:
+    """'random' or 'checkpoint': the workload's choice, else the model preset's."""
+    if workload.weights is not None:
+        return workload.weights
+    return "random" if model.weights == "random" else "checkpoint"
+
+
+def build_seconds(params: float, model: ModelConfig, workload: Workload, hardware: Hardware) -> float:
+    """One task putting `params` weights on its device: generated on the host (random weights; 0 when the preset
+    has no weight_build_params_per_s) or read from the safetensors checkpoint (bf16) at the disk's read rate."""
+    if weights_source(model, workload) == "random":
+        rate = hardware.weight_build_params_per_s
+        return params / rate if rate else 0.0
+    return params * BF16 / (hardware.disk_read_GBps * GB)
+
+
+def block_layers(model: ModelConfig, k: int) -> list[int]:
+    """Layers of each block: k, ..., k, and what is left for the last."""
+    num_blocks = math.ceil(model.num_layers / k)
+    return [k] * (num_blocks - 1) + [model.num_layers - (num_blocks - 1) * k]
+
+
+def collect_tasks(model: ModelConfig, k: int, workload: Workload, hardware: Hardware) -> list[dict[str, float]]:
+    """Seconds of each collect task, by part. Task b writes boundary b: task 0 embeds the token rows; task b > 0
+    builds block b-1's teacher layers, reads boundary b-1 and runs those layers over it (the last block's layers
+    are never run in collect). Every boundary moves from the GPU to the host once, and the inputs of task b > 0
+    to the GPU once more (host_copy_GBps)."""
+    d = model.hidden_size
+    tokens = workload.train_tokens_stored + workload.val_tokens
+    hidden = tokens * d * BF16  # what crosses between GPU and host
+    boundary = tokens * (d * BF16 + INT64)  # what the shard files hold
+    flops = flops_per_token_layer(model, workload)
+
+    def copies(times: int) -> float:
+        return times * hidden / (hardware.host_copy_GBps * GB) if hardware.host_copy_GBps else 0.0
+
+    write = boundary / ((hardware.cache_write_GBps or hardware.disk_write_GBps) * GB)
+    overhead = hardware.task_overhead_s or 0.0
+    tasks = [{"overhead": overhead, "build": build_seconds(model.vocab_size * d, model, workload, hardware),
+              "read": 0.0, "compute": copies(1), "write": write}]
+    for layers in block_layers(model, k)[:-1]:
+        forward = tokens * layers * (flops["gemm"] + flops["sdpa_causal"]) / (hardware.layer_tflops * 1e12)
+        tasks.append({"overhead": overhead, "build": build_seconds(layers * model.params_per_layer, model, workload,
+                                                                   hardware),
+                      "read": boundary / (hardware.disk_read_GBps * GB), "compute": forward + copies(2),
+                      "write": write})
+    return tasks
+
+
+def block_task(model: ModelConfig, layers: int, workload: Workload, hardware: Hardware) -> dict[str, float]:
+    """Seconds of one transfer task of `layers` layers, by part (pipeline/stages.py transfer_block): the task's
+    overhead, building its layers, every evaluation pass, and training, which the boundary read (a prefetching
+    reader) overlaps; 'total' is their sum."""
+    step = step_seconds(model, workload, hardware)
     tokens = workload.train_tokens_stored * workload.epochs
-    keys = _score_map_keys(workload)
-    block_gemm = tokens * k * (flops["gemm"] + flops["teacher_attention_bf16"]) / layer_rate
-    block_hybrid = tokens * k * flops["hybrid_fp32"] / fp32_rate
-    profile = KERNEL_PROFILES[workload.kernel]
-    block_map_passes = tokens * k * profile.map_passes * model.num_heads * keys * FP32 / (hardware.memory_GBps * GB)
-    block_io = (workload.epochs * boundary + k * layer_weights) / read_bw
-    block = block_gemm + block_hybrid + block_map_passes + block_io
-    waves = math.ceil(num_blocks / G)
+    row_bytes = model.hidden_size * BF16 + INT64
+    read = (tokens + workload.val_tokens) * row_bytes / (hardware.disk_read_GBps * GB)
+    eval_pass = workload.val_tokens * layers * step["step"] * (hardware.eval_step_fraction or 0.0)
+    parts = {
+        "overhead": hardware.task_overhead_s or 0.0,
+        "build": build_seconds(layers * model.params_per_layer, model, workload, hardware),
+        "eval": workload.evaluations * eval_pass,
+        "train": max(tokens * layers * step["step"], read),
+    }
+    return {**parts, "total": sum(parts.values()), "eval_pass": eval_pass, "read": read,
+            "gemm": tokens * layers * step["gemm"], "hybrid": tokens * layers * step["hybrid"],
+            "map_passes": tokens * layers * step["map_passes"], "attention": tokens * layers * step["attention"]}
+
+
+def schedule_wall_s(collect_s: list[float], block_s: list[float], workers: int) -> float:
+    """Wall seconds of collect + transfer as the driver runs them (pipeline/run.py Driver.blocks): collect task b
+    is submitted when boundary b-1 is complete (a chain), the transfer of block b when boundary b is; each task
+    holds one of `workers` GPUs, and waits for the earliest free one in the order the driver submits them
+    (collect b+1, then transfer b). A transfer-only run is collect_s = [0, ...]."""
+    free = [0.0] * max(workers, 1)
+
+    def run(submitted: float, seconds: float) -> float:
+        i = free.index(min(free))
+        free[i] = max(free[i], submitted) + seconds
+        return free[i]
+
+    ready = run(0.0, collect_s[0])  # boundary 0 is complete
+    ends = [ready]
+    for b, seconds in enumerate(block_s):
+        next_ready = run(ready, collect_s[b + 1]) if b + 1 < len(collect_s) else ready
+        ends += [run(ready, seconds), next_ready]
+        ready = next_ready
+    return max(ends)
+
+
+def block_times(model: ModelConfig, k: int, workload: Workload, hardware: Hardware,
+                limits: Limits) -> dict[str, float]:
+    """Seconds: the collect chain by part, one full k-layer block by part, and the wall time of the schedule."""
+    collect = collect_tasks(model, k, workload, hardware)
+    blocks = {n: block_task(model, n, workload, hardware) for n in set(block_layers(model, k))}
+    collect_s = sum(sum(task.values()) for task in collect)
+    wall = schedule_wall_s([sum(task.values()) for task in collect],
+                           [blocks[n]["total"] for n in block_layers(model, k)], limits.workers)
+    full = blocks[k]  # block_layers always starts with k
     return {
-        "collect_compute_s": collect_compute, "collect_io_s": collect_io, "collect_s": collect_compute + collect_io,
-        "block_gemm_s": block_gemm, "block_hybrid_s": block_hybrid, "block_map_passes_s": block_map_passes,
-        "block_io_s": block_io, "block_s": block, "transfer_s": waves * block,
-        "wall_s": collect_compute + collect_io + waves * block,
+        "collect_overhead_s": sum(t["overhead"] for t in collect),
+        "collect_build_s": sum(t["build"] for t in collect),
+        "collect_compute_s": sum(t["compute"] for t in collect),
+        "collect_io_s": sum(t["read"] + t["write"] for t in collect),
+        "collect_s": collect_s,
+        "block_overhead_s": full["overhead"], "block_build_s": full["build"], "block_eval_s": full["eval"],
+        "block_gemm_s": full["gemm"], "block_hybrid_s": full["hybrid"], "block_map_passes_s": full["map_passes"],
+        "block_attention_s": full["attention"], "block_train_s": full["train"], "block_io_s": full["read"],
+        "block_s": full["total"], "transfer_s": wall - collect_s, "wall_s": wall,
     }
 
 
@@ -368,7 +542,7 @@ def evaluate(model: ModelConfig, k: int, workload: Workload, limits: Limits, har
         memory=memory, memory_total=sum(memory.values()),
         memory_limit=limits.gpu_memory if limits.gpus > 0 else limits.host_memory,
         cache=cache, cache_total=sum(cache.values()), host=host, host_total=sum(host.values()),
-        times=block_times(model, k, num_blocks, workload, hardware, limits),
+        times=block_times(model, k, workload, hardware, limits),
     )
     if limits.gpus > 0:
         if limits.gpu_memory is not None and cand.memory_total > limits.gpu_memory:
@@ -545,21 +719,47 @@ def _infeasible_summary(p: Plan) -> str:
 PAPER_COSTS = {"llama3.1-405b": {"stage 1": (5.0, 14), "stage 2 (LoRA)": (16.0, 24)}}
 
 
+def matmul_params(model: ModelConfig) -> int:
+    """Weights each token meets in a matmul: the decoder layers and the LM head (the embedding is a lookup)."""
+    return model.num_layers * model.params_per_layer + model.vocab_size * model.hidden_size
+
+
+def total_params(model: ModelConfig) -> int:
+    """Every weight of the model: embedding, layers, final norm, and the LM head unless tied to the embedding."""
+    heads = 1 if model.hf_config.get("tie_word_embeddings") else 2
+    return model.num_layers * model.params_per_layer + heads * model.vocab_size * model.hidden_size + model.hidden_size
+
+
+def lora_tokens_per_s(model: ModelConfig, hardware: Hardware, gradient_checkpointing: bool = False) -> float:
+    """Stage-2 training tokens/s of one rank: the FLOP bound (forward 2 FLOPs and activation gradients 2 FLOPs per
+    matmul weight per token; the frozen base needs no weight gradients, LoRA's are negligible; gradient
+    checkpointing runs the forward again in the backward: 2 more) at layer_tflops, times the preset's measured
+    lora_efficiency (ZeRO-3 gathers, launch overheads; measured without gradient checkpointing), or the bound."""
+    flops = (6 if gradient_checkpointing else 4) * matmul_params(model)
+    return hardware.layer_tflops * 1e12 / flops * (hardware.lora_efficiency or 1.0)
+
+
+def lora_startup_s(model: ModelConfig, hardware: Hardware, gpus: int) -> float:
+    """Stage 2's model build (partitioned under ZeRO-3, each rank making 1/gpus of the tensors) and DeepSpeed
+    engine start; 0 when the preset has no lora_startup_params_per_s."""
+    rate = hardware.lora_startup_params_per_s
+    return total_params(model) / max(gpus, 1) / rate if rate else 0.0
+
+
 def lora_stage_s(model: ModelConfig, workload: Workload, hardware: Hardware, gpus: int) -> float:
-    """FLOP-bound lower bound of stage 2 over the same tokens: the forward (2N FLOPs per token) and the backward's
-    activation gradients (2N; the frozen base needs no weight gradients and LoRA's are negligible), spread over
-    all GPUs at the measured decoder-layer rate. ZeRO-3 communication and recomputation come on top."""
-    params = model.num_layers * model.params_per_layer
-    return 4 * params * workload.tokens * workload.epochs / (max(gpus, 1) * hardware.layer_tflops * 1e12)
+    """Stage 2 over the same number of tokens as stage 1, on all GPUs: start-up plus training. A FLOP-bound lower
+    bound when the preset has no lora_efficiency."""
+    train = workload.tokens * workload.epochs / (max(gpus, 1) * lora_tokens_per_s(model, hardware))
+    return lora_startup_s(model, hardware, gpus) + train
 
 
 def cost(p: Plan) -> dict:
-    """GPU-hours of the chosen plan's stage 1 and of stage 2's lower bound, with the paper's where published."""
+    """GPU-hours of the chosen plan's stage 1 and of stage 2, with the paper's where published."""
     c, gpus = p.chosen, max(p.limits.gpus, 1)
     stage2_s = lora_stage_s(p.model, p.workload, p.hardware, p.limits.gpus)
     out = {"stage 1": {"wall_h": c.wall_s / HOUR, "gpus": gpus, "gpu_hours": c.wall_s / HOUR * gpus},
            "stage 2 (LoRA)": {"wall_h": stage2_s / HOUR, "gpus": gpus, "gpu_hours": stage2_s / HOUR * gpus,
-                              "lower_bound": True}}
+                              "lower_bound": p.hardware.lora_efficiency is None}}
     for stage, (hours, paper_gpus) in PAPER_COSTS.get(p.model.name, {}).items():
         out[stage]["paper"] = {"wall_h": hours, "gpus": paper_gpus, "gpu_hours": hours * paper_gpus}
     return out
@@ -576,9 +776,39 @@ def _cost_lines(p: Plan) -> list[str]:
             line += (f" (LoLCATs paper: {paper['wall_h']:g} h on {paper['gpus']} H100s = "
                      f"{paper['gpu_hours']:g} GPU-hours)")
         lines.append(line)
-    lines.append("  (the time constants came out 6-16x optimistic against a measured SmolLM2 run, docs/results.md "
-                 "section 5; recalibrate from a measured run before trusting hours)")
+    hw = p.hardware
+    if hw.fitted_on:
+        note = f"  (fitted terms from measured {hw.fitted_on} runs; `linearize plan --check RUN.json ...` compares"
+        note += " plans with measured runs"
+    else:
+        note = "  (no fitted constants in this preset: FLOP-model times, which measured runs found 5-12x optimistic"
+    left_out = hw.left_out()
+    if left_out:
+        note += f"; not measured for {hw.name}, so left out: {', '.join(left_out)}"
+    lines.append(note + ")")
     return lines
+
+
+def _constants_line(hw: Hardware) -> str:
+    """The preset's fitted constants, one line."""
+    parts = []
+    if hw.stage1_attention_slowdown is not None:
+        parts.append(f"stage-1 hybrid × {hw.stage1_attention_slowdown:g}")
+    if hw.eval_step_fraction is not None:
+        parts.append(f"evaluation {hw.eval_step_fraction:g} of a step")
+    if hw.weight_build_params_per_s is not None:
+        parts.append(f"random weights {hw.weight_build_params_per_s / 1e9:g}B params/s per task")
+    if hw.host_copy_GBps is not None:
+        parts.append(f"GPU<->host copies {hw.host_copy_GBps:g} GB/s")
+    if hw.cache_write_GBps is not None:
+        parts.append(f"cache writes {hw.cache_write_GBps:g} GB/s")
+    if hw.task_overhead_s is not None:
+        parts.append(f"{hw.task_overhead_s:g} s per task")
+    if hw.lora_efficiency is not None:
+        parts.append(f"stage-2 efficiency {hw.lora_efficiency:g}")
+    if hw.lora_startup_params_per_s is not None:
+        parts.append(f"stage-2 start {hw.lora_startup_params_per_s / 1e6:g}M params/s per rank")
+    return "  fitted: " + ("; ".join(parts) if parts else "none") + (f" (on {hw.fitted_on})" if hw.fitted_on else "")
 
 
 def format_plan(p: Plan, all_rows: bool = False) -> str:
@@ -588,12 +818,14 @@ def format_plan(p: Plan, all_rows: bool = False) -> str:
         f"linearize plan: {m.name} ({m.num_layers} layers, d={m.hidden_size}, {m.num_heads} heads × {m.head_dim}, "
         f"{m.params_per_layer / 1e9:.3f}B params per layer)",
         f"  {w.tokens:,} training tokens ({w.train_sequences:,} sequences of {w.seq_len}) × {w.epochs:g} epoch(s) "
-        f"+ {w.val_sequences} validation sequences; kernel {w.kernel}; micro-batch {w.micro_batch}",
+        f"+ {w.val_sequences} validation sequences; kernel {w.kernel}; micro-batch {w.micro_batch} × "
+        f"{w.grad_accum} per step, evaluation every {w.eval_every} steps; {weights_source(m, w)} weights",
         f"  cluster: {workers}, GPU memory {_limit(lim.gpu_memory if lim.gpus else None, GB, 'GB')}, "
         f"host RAM per node {_limit(lim.host_memory, GB, 'GB')}, disk {_limit(lim.disk, TB, 'TB')}",
         f"  time constants: {hw.name} ({hw.source}; measured: {str(hw.measured).lower()}): layer "
         f"{hw.layer_tflops:g} TFLOP/s bf16, fp32 {hw.fp32_tflops:g} TFLOP/s, memory {hw.memory_GBps:g} GB/s, "
         f"disk write {hw.disk_write_GBps:g} / read {hw.disk_read_GBps:g} GB/s per worker",
+        _constants_line(hw),
         "",
         f"{'k':>4} {'blocks':>6} {'last':>4} {'waves':>5} {'mem GB':>8} {'cache':>9} {'host GB':>8} "
         f"{'collect h':>9} {'block h':>8} {'wall h':>8}  verdict",
@@ -621,13 +853,240 @@ def format_plan(p: Plan, all_rows: bool = False) -> str:
                f"{_tb(c.cache['hidden'])} + position ids {_tb(c.cache['position_ids'])} + validation "
                f"{_tb(c.cache['validation'])} = {_tb(c.cache_total)}; shards of {shard_rows(m, w)} sequences")
     t = c.times
-    out.append(f"  collect: teacher forward of {m.num_layers} layers over all tokens on {lim.workers} worker(s) "
-               f"{t['collect_compute_s'] / HOUR:.2f} h + cache I/O {t['collect_io_s'] / HOUR:.2f} h")
-    out.append(f"  one block: teacher GEMMs {t['block_gemm_s'] / HOUR:.2f} h + hybrid fp32 "
-               f"{t['block_hybrid_s'] / HOUR:.2f} h"
-               f" + score-map passes {t['block_map_passes_s'] / HOUR:.2f} h + reads {t['block_io_s'] / HOUR:.2f} h"
-               f" = {t['block_s'] / HOUR:.2f} h; × {c.waves} wave(s) = {t['transfer_s'] / HOUR:.2f} h")
+    hybrid = f"hybrid fp32 {_dur(t['block_hybrid_s'])} + score-map passes {_dur(t['block_map_passes_s'])}"
+    if hw.stage1_attention_slowdown is not None:
+        hybrid = (f"hybrid {_dur(t['block_attention_s'])} (measured: {hw.stage1_attention_slowdown:g} × the chunked "
+                  "model)")
+    out.append(f"  collect: a chain of {c.num_blocks} tasks, one per boundary, each after the one before: teacher "
+               f"forward of {m.num_layers - c.last_block_layers} layers over all tokens with GPU<->host copies "
+               f"{_dur(t['collect_compute_s'])} + building weights {_dur(t['collect_build_s'])} + cache I/O "
+               f"{_dur(t['collect_io_s'])} + task overheads {_dur(t['collect_overhead_s'])} = {_dur(t['collect_s'])}")
+    out.append(f"  one block: overhead {_dur(t['block_overhead_s'])} + {weights_source(m, w)} weights "
+               f"{_dur(t['block_build_s'])} + {w.evaluations} evaluations {_dur(t['block_eval_s'])} + training "
+               f"{_dur(t['block_train_s'])} (teacher GEMMs {_dur(t['block_gemm_s'])} + {hybrid}; the boundary read "
+               f"{_dur(t['block_io_s'])} overlaps it) = {_dur(t['block_s'])}")
+    out.append(f"  wall: {_dur(t['wall_s'])}: block b starts when boundary b is complete, the last one after the whole "
+               f"collect chain ({c.waves} wave{'s' if c.waves > 1 else ''})")
     out += _cost_lines(p)
+    return "\n".join(out)
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < HOUR else f"{seconds / HOUR:.2f} h"
+
+
+# --------------------------------------------------------------------------------------------------
+# Check: re-plan measured runs (the JSON of pipeline/bench_scale.py) and compare.
+
+CHECK_TOLERANCE = 0.20
+"""A planned quantity is 'within' when |planned / measured - 1| <= this."""
+CHECK_KIND = "planner_check"
+"""The 'kind' of --check's own JSON, so a glob over the folder that holds it skips it."""
+
+
+def run_inputs(config: RunConfig) -> tuple[Workload, Limits]:
+    """The planner's inputs of a run config, as the stages run it: the chunked kernel profile, because the stages
+    build the hybrid with implementation 'auto' ('triton' on a GPU, 'blocked' on a CPU)."""
+    transfer, cluster = config.transfer, config.cluster
+    workload = Workload(tokens=transfer.train_tokens, seq_len=config.data.seq_len,
+                        val_sequences=config.data.validation_sequences, micro_batch=transfer.micro_batch_size,
+                        kernel="chunked", feature_dim=config.attention.feature_dim,
+                        window_size=config.attention.window_size, grad_accum=transfer.grad_accum,
+                        eval_every=transfer.eval_every)
+    limits = Limits(gpus=cluster.num_gpus, gpu_memory=cluster.gpu_memory or None,
+                    host_memory=cluster.host_memory or None, disk=cluster.disk or None)
+    return workload, limits
+
+
+def _field(data: dict, path: str, source: str):
+    """data[a][b]... for path 'a.b'; a clear error naming the file and the field when it is missing or null."""
+    value = data
+    for key in path.split("."):
+        if not isinstance(value, dict) or value.get(key) is None:
+            raise ConfigError(f"--check: {source} has no {path!r}; give the JSON that "
+                              "`python -m pipeline.bench_scale run` or `scaling` wrote (and, for a resumed run or a "
+                              "scaling run, the JSON of the original run with it)")
+        value = value[key]
+    return value
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _check_row(quantity: str, planned: float, measured: float, note: str = "") -> dict:
+    ratio = planned / measured if measured else math.inf
+    return {"quantity": quantity, "planned": planned, "measured": measured, "ratio": ratio,
+            "within": abs(ratio - 1) <= CHECK_TOLERANCE, "note": note}
+
+
+def _load_runs(paths: list[str]) -> tuple[dict[str, dict], list[tuple[str, dict]]]:
+    """Run JSON merged by run directory (a resumed run's JSON adds to its first one's), and scaling JSON."""
+    runs: dict[str, dict] = {}
+    scalings = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--check: {path}: cannot read it as JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--check: {path}: expected a JSON object, got {type(data).__name__}")
+        if data.get("kind") == CHECK_KIND:
+            continue  # this command's own output
+        if data.get("mode") == "scaling":
+            scalings.append((path, data))
+            continue
+        # A run is its directory and its config: a later run in the same directory with another config (another
+        # lease, another budget) is a run of its own; a JSON without a config (a resume's summary) adds to the
+        # latest run of its directory.
+        run_dir = _field(data, "run_dir", path)
+        if "config" in data:
+            key = f"{run_dir} {json.dumps(data['config'], sort_keys=True)}"
+        else:
+            key = next((k for k in reversed(runs) if k.split(" ", 1)[0] == run_dir), run_dir)
+        merged = runs.setdefault(key, {"files": []})
+        merged["files"].append(path)
+        merged.update({key: value for key, value in data.items() if key != "files"})
+    return runs, scalings
+
+
+def _block_rows(transfers: list[dict], model: ModelConfig, workload: Workload, hardware: Hardware, source: str,
+                note: str) -> list[dict]:
+    """Each part of a transfer task and its whole, planned against the mean of the blocks that started fresh (a
+    block resumed after a fault did less)."""
+    fresh = [t for i, t in enumerate(transfers) if not _field(t, "resumed_from_micro_step", f"{source} transfer[{i}]")]
+    for i, t in enumerate(fresh):
+        for key in ("wall_s", "load_s", "train_s", "eval_s", "micro_steps", "layers"):
+            _field(t, key, f"{source} transfer[{i}]")
+    if not fresh:
+        return []
+    layers = fresh[0]["layers"][1] - fresh[0]["layers"][0]
+    task = block_task(model, layers, workload, hardware)
+    # train_s counts the micro-steps up to the last optimizer step (pipeline/stages.py transfer_block).
+    timed_steps = fresh[0]["micro_steps"] // workload.grad_accum * workload.grad_accum
+    step = step_seconds(model, workload, hardware)["step"]
+    timed = timed_steps * workload.micro_batch * workload.seq_len * layers * step
+    measured = {key: _mean([t[key] for t in fresh]) for key in ("load_s", "train_s", "eval_s", "wall_s")}
+    return [
+        _check_row("one block: load = overhead + weights + first evaluation (s)",
+                   task["overhead"] + task["build"] + task["eval_pass"], measured["load_s"], note),
+        _check_row("one block: training, timed micro-steps (s)", timed, measured["train_s"], note),
+        _check_row(f"one block: {workload.evaluations} evaluations (s)", task["eval"], measured["eval_s"], note),
+        _check_row("one block: task wall (s)", task["total"], measured["wall_s"], note),
+    ]
+
+
+def _stage1_rows(run: dict, cand: Candidate, model: ModelConfig, workload: Workload, hardware: Hardware,
+                 source: str) -> list[dict]:
+    """Collect, each part of a block, the wall, block memory and cache of a run JSON with 'blocks'."""
+    transfers = _field(run, "blocks.transfer", source)
+    with_collect = bool(run["blocks"].get("collect"))
+    faults = run.get("faults_fired") or []
+    note = ("blocks ran beside the collect chain" if with_collect else "blocks ran alone") + (
+        "; blocks resumed after a fault are left out" if faults else "")
+    rows = []
+    if with_collect:
+        rows.append(_check_row(f"collect: chain of {cand.num_blocks} tasks (s)", cand.times["collect_s"],
+                               _field(run, "blocks.collect_wall_s", source)))
+    rows += _block_rows(transfers, model, workload, hardware, source, note)
+    if with_collect:
+        rows.append(_check_row("collect + transfer wall (s)", cand.times["wall_s"],
+                               _field(run, "blocks.wall_s", source),
+                               f"faults fired: {', '.join(faults)}" if faults else ""))
+    peaks = [_field(t, "peak_gpu_bytes", f"{source} transfer[{i}]") for i, t in enumerate(transfers)]
+    if peaks:
+        rows.append(_check_row("block memory, torch peak (GB; plan minus runtime reserve)",
+                               (cand.memory_total - cand.memory["runtime_reserve"]) / GB, max(peaks) / GB))
+    rows.append(_check_row("cache on disk (GB)", cand.cache_total / GB, _field(run, "cache_bytes", source) / GB))
+    return rows
+
+
+def _stage2_rows(run: dict, config: RunConfig, hardware: Hardware, source: str) -> list[dict]:
+    """Tokens/s per rank and start-up of a run JSON with 'finetune' (the mean over its ranks)."""
+    ranks = _field(run, "finetune.ranks", source)
+    for i, rank in enumerate(ranks):
+        for key in ("tokens_per_s", "init_s"):
+            _field(rank, key, f"{source} finetune.ranks[{i}]")
+    if not ranks:
+        raise ConfigError(f"--check: {source}: finetune.ranks is empty; the stage-2 run recorded no rank")
+    model, world = config.model, len(ranks)
+    checkpointing = config.finetune.gradient_checkpointing
+    note = (f"ZeRO-{config.finetune.zero_stage}, {world} ranks, micro-batch {config.finetune.micro_batch_size} x "
+            f"{config.data.seq_len}{', gradient checkpointing' if checkpointing else ''}")
+    return [
+        _check_row("stage 2: tokens/s per rank", lora_tokens_per_s(model, hardware, checkpointing),
+                   _mean([r["tokens_per_s"] for r in ranks]), note),
+        _check_row("stage 2: model build + engine start (s)", lora_startup_s(model, hardware, world),
+                   _mean([r["init_s"] for r in ranks]), note),
+    ]
+
+
+def check_runs(paths: list[str], hardware: str | None = None) -> dict:
+    """Re-plan every measured run in `paths` with the run's own inputs (its config, its k, the chunked kernel) and
+    the preset `hardware` (default: the one its plan used), and compare: stage-1 rows for a run JSON with
+    'blocks', the per-block rows and the transfer wall of each GPU count of a scaling JSON, and stage-2 rows for
+    any JSON with a 'finetune' section. Rows of the model the preset was fitted on are marked 'fit'."""
+    runs, scalings = _load_runs(paths)
+    out_runs, rows = [], []
+    planned: dict[str, tuple] = {}  # run_dir -> (model, workload, hardware, candidate)
+    for run in runs.values():
+        source = ", ".join(run["files"])
+        config = resolve_run_config(_field(run, "config", source))
+        hw = load_hardware(hardware or _field(run, "plan.hardware_preset", source))
+        k = int(_field(run, "plan.k", source))
+        model = config.model
+        workload, limits = run_inputs(config)
+        cand = evaluate(model, k, workload, limits, hw)
+        planned[run["run_dir"]] = (model, workload, hw, cand)
+        run_rows = _stage1_rows(run, cand, model, workload, hw, source) if "blocks" in run else []
+        run_rows += _stage2_rows(run, config, hw, source) if "finetune" in run else []
+        label = Path(run["files"][0]).stem
+        role = "fit" if model.name == hw.fitted_on else "check"
+        rows += [{"run": label, "model": model.name, "gpus": limits.gpus, "role": role, **row} for row in run_rows]
+        chosen = plan(model, workload, limits, hw).chosen
+        out_runs.append({"run": label, "files": run["files"], "model": model.name, "gpus": limits.gpus,
+                         "hardware": hw.name, "k_run": k, "k_now": chosen.k if chosen else None,
+                         "planned_times_s": {key: round(v, 3) for key, v in cand.times.items()}})
+    for path, data in scalings:
+        from_run = _field(data, "from_run", path)
+        if from_run not in planned:
+            raise ConfigError(f"--check: {path} reran stage 1 of {from_run!r}, and no run JSON given has that "
+                              "run_dir; give that run's JSON too")
+        model, workload, hw, cand = planned[from_run]
+        block_totals = [block_task(model, n, workload, hw)["total"] for n in block_layers(model, cand.k)]
+        for i, entry in enumerate(_field(data, "rows", path)):
+            where = f"{path} rows[{i}]"
+            gpus = _field(entry, "gpus", where)
+            run_rows = _block_rows(_field(entry, "blocks.transfer", where), model, workload, hw, where,
+                                   "blocks ran alone (stage 1 only)")
+            run_rows.append(_check_row(f"transfer wall, {len(block_totals)} blocks on {gpus} GPUs (s)",
+                                       schedule_wall_s([0.0] * len(block_totals), block_totals, gpus),
+                                       _field(entry, "transfer_wall_s", where)))
+            role = "fit" if model.name == hw.fitted_on else "check"
+            rows += [{"run": f"{Path(path).stem} ({gpus} GPUs)", "model": model.name, "gpus": gpus, "role": role,
+                      **row} for row in run_rows]
+    used = [path for run in runs.values() for path in run["files"]] + [path for path, _ in scalings]
+    return {"kind": CHECK_KIND, "tolerance": CHECK_TOLERANCE, "hardware": hardware, "files": used,
+            "runs": out_runs, "rows": rows}
+
+
+def format_check(result: dict) -> str:
+    """The rows of check_runs as a table: quantity | planned | measured | ratio | within 20%?"""
+    width = max((len(r["quantity"]) for r in result["rows"]), default=10)
+    out = [f"planner check: planned / measured, within = |ratio - 1| <= {result['tolerance']:.0%}; rows marked "
+           "'fit' are of the model the preset's constants were fitted on"]
+    for run in result["runs"]:
+        out.append(f"  {run['run']}: {run['model']} on {run['gpus']} GPUs, {run['hardware']} constants, "
+                   f"k={run['k_run']} as run (the planner would now choose k={run['k_now']})")
+    current = None
+    for r in result["rows"]:
+        if r["run"] != current:
+            current = r["run"]
+            out += ["", f"{current} ({r['role']})",
+                    f"  {'quantity':<{width}} {'planned':>10} {'measured':>10} {'ratio':>6}  within 20%?"]
+        note = f"  ({r['note']})" if r["note"] else ""
+        out.append(f"  {r['quantity']:<{width}} {r['planned']:>10.2f} {r['measured']:>10.2f} {r['ratio']:>6.2f}  "
+                   f"{'yes' if r['within'] else 'NO'}{note}")
     return "\n".join(out)
 
 
@@ -653,13 +1112,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-dim", type=int, default=64, help="Hedgehog feature dim f (default 64)")
     parser.add_argument("--window", type=int, default=64, help="softmax window (default 64)")
     parser.add_argument("--shard-size", default="512MB", help="target cache shard size (default 512MB)")
-    parser.add_argument("--hardware", default="h100", help="time-constant preset (configs/hardware) or a YAML path")
+    parser.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step (default 8)")
+    parser.add_argument("--eval-every", type=int, default=100,
+                        help="optimizer steps between stage-1 evaluations (default 100, the LoLCATs recipe's)")
+    parser.add_argument("--weights", choices=WEIGHT_SOURCES,
+                        help="teacher weights: generated on the host (random) or read from safetensors "
+                             "(checkpoint); default: the model preset's")
+    parser.add_argument("--hardware", help="time-constant preset (configs/hardware) or a YAML path (default h100; "
+                                           "with --check: each run's own preset)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--all", action="store_true", help="print every row of the table")
     parser.add_argument("--calibrate", action="store_true",
                         help="measure this machine and write configs/hardware/<--name or hostname>.yaml")
     parser.add_argument("--name", help="with --calibrate: preset name (default: the host name)")
-    parser.add_argument("--out", help="with --calibrate: where to write the YAML")
+    parser.add_argument("--out", help="with --calibrate: where to write the YAML; with --check: the JSON")
+    parser.add_argument("--check", nargs="+", metavar="RUN_JSON",
+                        help="re-plan measured runs (JSON of pipeline/bench_scale.py) with their own inputs and print "
+                             "planned against measured")
     parser.add_argument("--disk-dir", help="with --calibrate: folder whose disk is measured (default: temp dir)")
     parser.add_argument("--disk-bytes", help="with --calibrate: size of the disk probe file (default 1GB on a GPU "
                                              "machine, 256MB otherwise)")
@@ -734,12 +1203,17 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, Workload, L
         feature_dim=_positive(args.feature_dim, "--feature-dim"),
         window_size=_positive(args.window, "--window"),
         shard_bytes=_bytes_flag(args.shard_size, "--shard-size"),
+        grad_accum=_positive(args.grad_accum, "--grad-accum"),
+        eval_every=_positive(args.eval_every, "--eval-every"),
+        weights=args.weights,
     )
     if args.kernel not in KERNELS:
         raise ConfigError(f"--kernel: {args.kernel!r} is not one of {list(KERNELS)}")
     limits = Limits(gpus=gpus, gpu_memory=gpu_memory, host_memory=host, disk=disk,
                     gpus_per_node=_positive(args.gpus_per_node, "--gpus-per-node"))
-    return model, workload, limits, load_hardware(args.hardware)
+    if args.weights is not None and args.weights not in WEIGHT_SOURCES:
+        raise ConfigError(f"--weights: {args.weights!r} is not one of {list(WEIGHT_SOURCES)}")
+    return model, workload, limits, load_hardware(args.hardware or "h100")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -753,6 +1227,16 @@ def main(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
             for key, value in values.items():
                 print(f"  {key}: {value}")
+        return 0
+    if args.check:
+        result = check_runs(args.check, args.hardware)
+        result["command"] = " ".join(["python -m pipeline.planner --check", *result["files"]]
+                                     + (["--hardware", args.hardware] if args.hardware else [])
+                                     + (["--out", args.out] if args.out else []))
+        print(json.dumps(result, indent=1) if args.json else format_check(result))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            print(f"wrote {args.out}")
         return 0
     result = plan(*inputs_from_args(args))
     if args.json:

@@ -67,16 +67,13 @@ def plan_run(config: RunConfig, shard_bytes: int | None = None) -> dict:
     """The planner for this run: its JSON (pipeline.planner.plan_to_dict) with k chosen by the cost model when
     transfer.layers_per_block is 'auto' (else the configured k and its candidate's numbers), plus 'k_source',
     'hardware_preset' and 'splits' ({split: {rows, shards}})."""
-    from .planner import Limits, Workload, format_plan, hardware_names, load_hardware, plan, plan_to_dict
+    from .planner import format_plan, hardware_names, load_hardware, plan, plan_to_dict, run_inputs
 
     transfer, cluster = config.transfer, config.cluster
-    workload_args = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
-    workload = Workload(tokens=transfer.train_tokens, seq_len=config.data.seq_len,
-                        val_sequences=config.data.validation_sequences, micro_batch=transfer.micro_batch_size,
-                        feature_dim=config.attention.feature_dim, window_size=config.attention.window_size,
-                        **workload_args)
-    limits = Limits(gpus=cluster.num_gpus, gpu_memory=cluster.gpu_memory or None,
-                    host_memory=cluster.host_memory or None, disk=cluster.disk or None)
+    # The same inputs `linearize plan --check` re-plans a finished run with (kernel, accumulation, evaluations).
+    workload, limits = run_inputs(config)
+    if shard_bytes is not None:
+        workload = dataclasses.replace(workload, shard_bytes=shard_bytes)
     # Time constants: a hardware preset named like the cluster if there is one (e.g. after
     # `linearize plan --calibrate --name local`), else the GPU machine's measured H100 values.
     preset = cluster.name if cluster.name in hardware_names() else "h100"

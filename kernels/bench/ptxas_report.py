@@ -128,7 +128,8 @@ def compile_launch(kernel, args, kwargs, arch: int, ptxas: str) -> dict:
     stats = ptxas_stats(compiled.asm["ptx"], arch, ptxas)
     # Triton's shared memory (dynamic, for dot operands and layout conversions) is in the metadata.
     stats["shared"] = int(getattr(compiled.metadata, "shared", 0))
-    tiles = {k: v for k, v in constexprs.items() if k in ("BT", "BQ", "BD", "BF", "BFS", "BDS", "BDV", "BW", "KSPAN")}
+    tile_names = ("BT", "BQ", "BD", "BF", "BFS", "BDS", "BDV", "BW", "KSPAN", "SUPER", "REVERSE")
+    tiles = {k: v for k, v in constexprs.items() if k in tile_names}
     return dict(kernel=kernel.__name__, num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
                 tiles=tiles, **stats)
 
@@ -139,6 +140,10 @@ KERNEL_OF = {
     "_bwd_dq_linear_kernel": "bwd_dq_linear", "_state_bwd_kernel": "state_bwd",
     "_bwd_dkv_linear_kernel": "bwd_dkv_linear", "_bwd_dkv_window_kernel": "bwd_dkv_window",
     "_hybrid_decode_kernel": "decode",
+    # Super-chunk kernels (M > 1). The prefix kernel serves both scans (REVERSE tells them apart in the rows); the
+    # --kernels filter files it under state_fwd.
+    "_state_local_kernel": "state_fwd", "_state_prefix_kernel": "state_fwd", "_dstate_local_kernel": "state_bwd",
+    "_bwd_dkv_linear_carry_kernel": "bwd_dkv_linear",
 }
 
 

@@ -1,7 +1,9 @@
 """Planner: the paper's 405B setting, how the choice moves with the cluster, the JSON schema, partial last
-blocks, input errors, speed, calibration, and the memory model against a reference stage-1 step."""
+blocks, input errors, speed, calibration, the memory model against a reference stage-1 step, and the fitted time
+terms with `--check` against the measured GPU runs in docs/results/scale/."""
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -12,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_model_config
-from pipeline.planner import (KERNEL_PROFILES, Limits, Workload, add_arguments, hardware_names, layer_terms,
-                              load_hardware, main, plan, plan_to_dict)
+from pipeline.config import ConfigError, load_model_config, resolve_run_config
+from pipeline.planner import (KERNEL_PROFILES, Limits, Workload, add_arguments, block_times, check_runs,
+                              hardware_names, layer_terms, load_hardware, lora_stage_s, lora_tokens_per_s, main, plan,
+                              plan_to_dict, run_inputs, schedule_wall_s, total_params)
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_405B = ["--model", "llama3.1-405b", "--tokens", "20M", "--seq-len", "1024", "--gpus", "14",
@@ -37,35 +40,40 @@ def by_k(result, k):
 
 
 def test_paper_405b_setting(capsys):
+    """The paper's k <= 9 is the memory limit: k = 9 (14 blocks, one wave) is the largest block that fits an 80 GB
+    GPU. Which feasible k is fastest is the time model's call: the collect chain (one task per boundary) dominates
+    at 20M tokens, and the last block starts after all of it, so k = 8 (its last block has 6 layers) wins."""
     code, result = run_json(PAPER_405B, capsys)
     assert code == 0
-    assert (result["k"], result["num_blocks"], result["waves"], result["last_block_layers"]) == (9, 14, 1, 9)
-    assert 9.0e12 <= result["cache_bytes"] <= 9.4e12
-    assert result["blocks"][0] == [0, 9] and result["blocks"][-1] == [117, 126]
-    assert result["per_block_memory_bytes"] <= 80e9
+    k9 = by_k(result, 9)
+    assert (k9["num_blocks"], k9["waves"], k9["last_block_layers"], k9["status"]) == (14, 1, 9, "kept")
+    assert 9.0e12 <= k9["cache_bytes"] <= 9.4e12 and k9["memory_bytes"] <= 80e9
     # Larger k: the block does not fit an 80 GB GPU, and the reason says by how much.
     for k in (10, 11, 126):
         assert by_k(result, k)["status"] == "rejected"
         assert by_k(result, k)["reasons"][0].startswith("does not fit GPU memory")
         assert "> 80.0 GB" in by_k(result, k)["reasons"][0]
-    # Smaller k fits but needs more waves on 14 GPUs (or more layers in sequence), and more cache.
-    k8 = by_k(result, 8)
-    assert k8["status"] == "kept" and k8["memory_bytes"] <= 80e9
-    assert any("needs 2 waves on 14 GPUs" in r for r in k8["reasons"])
-    assert any("slower than k=9" in r for r in k8["reasons"])
+    # The chosen k is the fastest feasible one; every other feasible k says why it lost.
+    feasible = [c for c in result["candidates"] if c["status"] != "rejected"]
+    assert [c["k"] for c in feasible] == list(range(1, 10))
+    assert result["predicted_times_s"]["wall_s"] == min(c["times_s"]["wall_s"] for c in feasible)
+    assert (result["k"], result["num_blocks"], result["waves"], result["last_block_layers"]) == (8, 16, 2, 6)
+    assert result["blocks"][0] == [0, 8] and result["blocks"][-1] == [120, 126]
+    assert any("slower than k=8" in r for r in k9["reasons"])
     assert any("needs 9 waves" in r for r in by_k(result, 1)["reasons"])
     # The text table says the same.
     assert main(parse(PAPER_405B)) == 0
     text = capsys.readouterr().out
-    assert "Chosen: k=9: 14 blocks of 9 layers, 1 wave on 14 GPUs" in text
+    assert "Chosen: k=8: 16 blocks (15 of 8 layers + a last block of 6), 2 waves on 14 GPUs" in text
     assert re.search(r"rejected: does not fit GPU memory: 8\d\.\d GB > 80.0 GB", text)
     assert "frozen weights" in text and "saved activations" in text and "k=10: GPU memory" in text
+    assert "collect: a chain of 16 tasks" in text
 
 
 @pytest.mark.parametrize("gpus", [14, 24])
 def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
-    """Issue 8, item 4: the schedule's cost in GPU-hours, and stage 2's FLOP-bound lower bound, next to the
-    LoLCATs paper's published times (stage 1: 5 h on 14 H100s; LoRA: 16 h on 24 H100s)."""
+    """Issue 8, item 4: the schedule's cost in GPU-hours, and stage 2's, next to the LoLCATs paper's published
+    times (stage 1: 5 h on 14 H100s; LoRA: 16 h on 24 H100s)."""
     argv = [a if a != "14" else str(gpus) for a in PAPER_405B]
     code, result = run_json(argv, capsys)
     assert code == 0
@@ -74,27 +82,33 @@ def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
     assert stage1["gpus"] == gpus and stage1["gpu_hours"] == pytest.approx(wall_s / 3600 * gpus, rel=1e-3)
     assert stage1["paper"] == {"wall_h": 5.0, "gpus": 14, "gpu_hours": 70.0}
     assert stage2["paper"] == {"wall_h": 16.0, "gpus": 24, "gpu_hours": 384.0}
-    # 4 x 405B params x 20M tokens at the preset's layer rate on all GPUs: independent of the GPU count in GPU-hours.
-    params = 126 * result["model"]["params_per_layer"]
-    expected = 4 * params * 20_000_000 / (result["hardware"]["layer_tflops"] * 1e12) / 3600
-    assert stage2["lower_bound"] and stage2["gpu_hours"] == pytest.approx(expected, rel=1e-6)
+    # 4 FLOPs per matmul weight (405B layers + LM head) x 20M tokens at the preset's layer rate times its measured
+    # stage-2 efficiency; h100 has no start-up constant, so the GPU-hours do not depend on the GPU count.
+    hw = result["hardware"]
+    params = 126 * result["model"]["params_per_layer"] + 128256 * 16384
+    expected = 4 * params * 20_000_000 / (hw["layer_tflops"] * 1e12 * hw["lora_efficiency"]) / 3600
+    assert not stage2["lower_bound"] and stage2["gpu_hours"] == pytest.approx(expected, rel=1e-6)
     assert main(parse(argv)) == 0
     text = capsys.readouterr().out
     assert f"cost, stage 1: {stage1['wall_h']:.2f} h × {gpus} GPUs" in text
     assert "LoLCATs paper: 16 h on 24 H100s = 384 GPU-hours" in text
+    assert "not measured for h100, so left out: weight_build_params_per_s" in text
 
 
-def test_more_gpus_or_less_disk_moves_k(capsys):
+def test_less_disk_moves_k_and_more_gpus_do_not_shorten_the_collect_chain(capsys):
+    _, narrow = run_json(PAPER_405B, capsys)
     _, wide = run_json(PAPER_405B + ["--gpus", "24"], capsys)
-    assert wide["k"] < 9 and wide["waves"] == 1 and wide["num_blocks"] <= 24
-    assert any(f"slower than k={wide['k']}" in r for r in by_k(wide, 9)["reasons"])
+    # Collect runs one boundary at a time whatever the GPU count, and here it dominates: 24 GPUs give the same plan.
+    assert wide["k"] == narrow["k"] and wide["waves"] == 1
+    assert wide["predicted_times_s"]["collect_s"] == narrow["predicted_times_s"]["collect_s"]
+    assert wide["predicted_times_s"]["wall_s"] == pytest.approx(narrow["predicted_times_s"]["wall_s"], rel=1e-9)
 
-    disk = 12e12
-    _, tight = run_json(PAPER_405B + ["--gpus", "24", "--disk", "12TB"], capsys)
-    assert tight["k"] > wide["k"] and tight["cache_bytes"] <= disk
-    rejected = by_k(tight, wide["k"])
+    disk = 10e12
+    _, tight = run_json(PAPER_405B + ["--disk", "10TB"], capsys)
+    assert tight["k"] > narrow["k"] and tight["cache_bytes"] <= disk
+    rejected = by_k(tight, narrow["k"])
     assert rejected["status"] == "rejected" and rejected["cache_bytes"] > disk
-    assert any(r.startswith("cache ") and "> disk 12.00 TB" in r for r in rejected["reasons"])
+    assert any(r.startswith("cache ") and "> disk 10.00 TB" in r for r in rejected["reasons"])
 
 
 def test_nothing_feasible_returns_1_and_explains(capsys):
@@ -119,7 +133,7 @@ def test_json_schema(capsys):
         assert {"k", "num_blocks", "last_block_layers", "waves", "memory_bytes", "cache_bytes", "times_s",
                 "status", "reasons"} <= set(cand)
         assert cand["status"] in ("chosen", "kept", "rejected")
-        assert (cand["status"] == "chosen") == (cand["k"] == 9)
+        assert (cand["status"] == "chosen") == (cand["k"] == result["k"])
         assert cand["status"] == "chosen" or cand["reasons"]
 
 
@@ -168,7 +182,7 @@ def test_cli_runs_under_5_seconds():
     out = subprocess.run([sys.executable, "-m", "pipeline.planner", *PAPER_405B, "--json"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert time.perf_counter() - start < 5.0
-    assert json.loads(out)["k"] == 9
+    assert json.loads(out)["k"] == 8
 
 
 def test_hardware_presets_load():
@@ -304,3 +318,214 @@ def test_plan_api_without_cli():
                   host_memory=None, disk=None), load_hardware("h100"))
     assert result.chosen is not None and result.chosen.num_blocks <= 16
     assert plan_to_dict(result)["k"] == result.chosen.k
+
+
+# --------------------------------------------------------------------------------------------------
+# The fitted terms of the time model and `--check` against the measured runs (docs/results/scale/).
+
+SCALE = REPO / "docs" / "results" / "scale"
+RUN_8B, RUN_70B = SCALE / "scale_run_llama3-8b_4gpu.json", SCALE / "scale_run_llama3.1-70b_4gpu.json"
+
+
+def measured_runs() -> list[str]:
+    return sorted(str(p) for p in SCALE.glob("*.json"))
+
+
+def test_check_reproduces_the_committed_json(tmp_path, capsys):
+    """`--check docs/results/scale/*.json --hardware h200` gives the rows committed in planner_check.json (its own
+    output in the glob is skipped), and the 70B run of session 3, which the constants were not fitted on, is within
+    20%."""
+    committed = json.loads((SCALE / "planner_check.json").read_text())
+    out = tmp_path / "check.json"
+    assert main(parse(["--check", *measured_runs(), "--hardware", "h200", "--out", str(out)])) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["run"], r["quantity"]) for r in rows] == [(r["run"], r["quantity"]) for r in committed["rows"]]
+    for row, old in zip(rows, committed["rows"]):
+        assert row["ratio"] == pytest.approx(old["ratio"], rel=1e-9), row["quantity"]
+        assert row["measured"] == pytest.approx(old["measured"], rel=1e-12) and row["within"] == old["within"]
+    assert all(r["role"] == "check" for r in rows if r["model"] == "llama3.1-70b")
+    # Session 3's 70B run (64K tokens, Triton cache warm from the 8B run before it) is the check the constants
+    # must pass. Session 4's 70B runs (16K tokens, each first on a fresh machine) trained 4-6x slower per
+    # micro-step than planned, for a reason the JSON cannot separate (cold compile or CPU contention); the
+    # committed JSON records them as misses.
+    checked = [r for r in rows if r["run"] == "scale_run_llama3.1-70b_4gpu"]
+    assert checked and all(r["within"] for r in checked)
+    quantities = {r["quantity"] for r in checked}
+    assert {"collect: chain of 4 tasks (s)", "one block: task wall (s)", "collect + transfer wall (s)",
+            "block memory, torch peak (GB; plan minus runtime reserve)"} <= quantities
+    # The fit itself: the stage-1-alone blocks' training and the stage-2 rate come back to within 1%.
+    fitted = {(r["run"], r["quantity"]): r["ratio"] for r in rows}
+    assert fitted[("scale_transfer_llama3-8b-4gpu (4 GPUs)", "one block: training, timed micro-steps (s)")] == \
+        pytest.approx(1, abs=0.01)
+    assert fitted[("scale_run_llama3-8b_4gpu", "stage 2: tokens/s per rank")] == pytest.approx(1, abs=0.01)
+    assert "one block: task wall (s)" in text and "within 20%?" in text
+
+
+def _without(data: dict, path: str) -> dict:
+    data = json.loads(json.dumps(data))
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key] if not key.isdigit() else node[int(key)]
+    del node[last]
+    return data
+
+
+@pytest.mark.parametrize("path", ["config", "plan.k", "blocks.collect_wall_s", "blocks.transfer.0.train_s",
+                                  "cache_bytes"])
+def test_check_names_a_missing_field_and_the_file(path, tmp_path):
+    broken = tmp_path / "broken_70b.json"
+    broken.write_text(json.dumps(_without(json.loads(RUN_70B.read_text()), path)))
+    field_name = path.split(".")[-1]
+    with pytest.raises(ConfigError, match=rf"broken_70b\.json.*{re.escape(field_name)}"):
+        main(parse(["--check", str(broken), "--hardware", "h200"]))
+
+
+def test_check_needs_the_run_behind_a_scaling_or_resumed_json(tmp_path):
+    with pytest.raises(ConfigError, match="give that run's JSON too"):
+        main(parse(["--check", str(SCALE / "scale_transfer_llama3-8b-4gpu.json"), "--hardware", "h200"]))
+    # A resumed run's JSON has no config of its own: it is read with the first run's JSON (same run_dir).
+    with pytest.raises(ConfigError, match="has no 'config'"):
+        main(parse(["--check", str(SCALE / "scale_run_llama3-8b_4gpu_resumed.json"), "--hardware", "h200"]))
+    ranks = _without(json.loads((SCALE / "scale_run_llama3-8b_4gpu_resumed.json").read_text()),
+                     "finetune.ranks.2.tokens_per_s")
+    (tmp_path / "resumed.json").write_text(json.dumps(ranks))
+    with pytest.raises(ConfigError, match=r"finetune\.ranks\[2\].*tokens_per_s"):
+        main(parse(["--check", str(RUN_8B), str(tmp_path / "resumed.json"), "--hardware", "h200"]))
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        main(parse(["--check", str(tmp_path / "list.json")]))
+
+
+def test_check_picks_up_a_new_finetune_section(tmp_path):
+    """A later run JSON with a 'finetune' section (here: the 70B run given the 8B run's stage-2 figures) adds the
+    stage-2 rows, planned for that run's model and rank count."""
+    data = json.loads(RUN_70B.read_text())
+    data["finetune"] = json.loads((SCALE / "scale_run_llama3-8b_4gpu_resumed.json").read_text())["finetune"]
+    path = tmp_path / "scale_run_llama3.1-70b_4gpu.json"
+    path.write_text(json.dumps(data))
+    rows = {r["quantity"]: r for r in check_runs([str(path)], "h200")["rows"]}
+    hw, model = load_hardware("h200"), load_model_config("llama3.1-70b")
+    assert rows["stage 2: tokens/s per rank"]["planned"] == pytest.approx(lora_tokens_per_s(model, hw))
+    assert rows["stage 2: tokens/s per rank"]["measured"] == pytest.approx(567.24, abs=0.01)
+    assert rows["stage 2: model build + engine start (s)"]["planned"] == pytest.approx(
+        total_params(model) / 4 / hw.lora_startup_params_per_s)
+    assert rows["stage 2: tokens/s per rank"]["role"] == "check"
+
+
+def _run_8b():
+    """The 8B run's planner inputs (its config) and its k."""
+    config = resolve_run_config(json.loads(RUN_8B.read_text())["config"])
+    workload, limits = run_inputs(config)
+    return config.model, workload, limits
+
+
+def times(hw, workload=None, k=8, gpus=None):
+    model, run_workload, limits = _run_8b()
+    if gpus is not None:
+        limits = dataclasses.replace(limits, gpus=gpus)
+    return block_times(model, k, workload or run_workload, hw, limits)
+
+
+def test_each_fitted_term_moves_the_plan_the_expected_way():
+    h200 = load_hardware("h200")
+    model, workload, _ = _run_8b()
+    base = times(h200)
+    d, k, P = model.hidden_size, 8, model.params_per_layer
+    tokens = workload.train_tokens_stored + workload.val_tokens
+    # Weight build: random weights at the per-task rate, in every block and every collect task but the embedding's.
+    none = times(dataclasses.replace(h200, weight_build_params_per_s=None))
+    assert none["block_build_s"] == 0 and none["collect_build_s"] == 0
+    assert base["block_build_s"] == pytest.approx(k * P / h200.weight_build_params_per_s)
+    assert base["collect_build_s"] == pytest.approx((model.vocab_size * d + 3 * k * P) / h200.weight_build_params_per_s)
+    assert base["block_s"] - none["block_s"] == pytest.approx(base["block_build_s"])
+    # A checkpoint is read in bf16 at the disk's rate instead.
+    read = times(h200, dataclasses.replace(workload, weights="checkpoint"))
+    assert read["block_build_s"] == pytest.approx(k * P * 2 / (h200.disk_read_GBps * 1e9))
+    # Evaluations: 500 micro-steps / 8 = 62 optimizer steps, every 20 -> steps 0, 20, 40, 60 and the end: 5 passes.
+    assert workload.evaluations == 5 and dataclasses.replace(workload, eval_every=100).evaluations == 2
+    assert dataclasses.replace(workload, tokens=1024).evaluations == 1
+    assert times(dataclasses.replace(h200, eval_step_fraction=None))["block_eval_s"] == 0
+    fewer = times(h200, dataclasses.replace(workload, eval_every=100))
+    assert fewer["block_eval_s"] == pytest.approx(base["block_eval_s"] * 2 / 5) and fewer["block_s"] < base["block_s"]
+    # The stage-1 step: the hybrid at the slowdown times its chunked model; without the factor, the FLOP model.
+    plain = times(dataclasses.replace(h200, stage1_attention_slowdown=None))
+    assert plain["block_attention_s"] == pytest.approx(plain["block_hybrid_s"] + plain["block_map_passes_s"])
+    assert base["block_attention_s"] == pytest.approx(h200.stage1_attention_slowdown * plain["block_attention_s"])
+    assert base["block_train_s"] > 10 * plain["block_train_s"]
+    # The quadratic kernel (not measured) adds its extra FLOPs and passes over the chunked model at face value.
+    quadratic = times(h200, dataclasses.replace(workload, kernel="quadratic"))
+    plain_q = times(dataclasses.replace(h200, stage1_attention_slowdown=None),
+                    dataclasses.replace(workload, kernel="quadratic"))
+    assert quadratic["block_attention_s"] == pytest.approx(
+        base["block_attention_s"] + plain_q["block_attention_s"] - plain["block_attention_s"])
+    # Collect's GPU<->host copies: boundary 0 out once, boundaries 1-3 in and out: 7 boundaries.
+    no_copy = times(dataclasses.replace(h200, host_copy_GBps=None))
+    assert base["collect_compute_s"] - no_copy["collect_compute_s"] == pytest.approx(
+        7 * tokens * d * 2 / (h200.host_copy_GBps * 1e9))
+    # Cache writes at the measured effective rate (slower than the raw disk), else the raw disk's.
+    raw = times(dataclasses.replace(h200, cache_write_GBps=None))
+    assert base["collect_io_s"] > raw["collect_io_s"]
+    # The per-task overhead: once per collect task and once per block.
+    no_overhead = times(dataclasses.replace(h200, task_overhead_s=None))
+    assert base["collect_s"] - no_overhead["collect_s"] == pytest.approx(4 * h200.task_overhead_s)
+    assert base["block_s"] - no_overhead["block_s"] == pytest.approx(h200.task_overhead_s)
+
+
+def test_collect_is_a_chain_and_blocks_start_when_their_boundary_is_complete():
+    h200 = load_hardware("h200")
+    four, many = times(h200, gpus=4), times(h200, gpus=64)
+    assert four["collect_s"] == many["collect_s"]  # one boundary at a time, whatever the GPUs
+    # One wave: the last block starts after the whole chain.
+    assert four["wall_s"] == pytest.approx(four["collect_s"] + four["block_s"])
+    # The schedule: one GPU runs everything in sequence; blocks alone run in waves.
+    assert schedule_wall_s([1.0, 2.0, 3.0], [10.0, 10.0, 10.0], 1) == pytest.approx(36.0)
+    assert schedule_wall_s([0.0] * 4, [5.0] * 4, 2) == pytest.approx(10.0)
+    assert schedule_wall_s([1.0, 2.0, 3.0], [10.0, 10.0, 10.0], 4) == pytest.approx(1 + 2 + 3 + 10)
+    # Two GPUs: collect 1 (t 1-3), block 0 (t 1-11); collect 2 waits for a GPU (t 3-6), block 1 (t 6-16), block 2
+    # (t 11-21).
+    assert schedule_wall_s([1.0, 2.0, 3.0], [10.0, 10.0, 10.0], 2) == pytest.approx(21.0)
+
+
+def test_stage2_rate_and_startup():
+    h200, model = load_hardware("h200"), load_model_config("llama3-8b")
+    bound = lora_tokens_per_s(model, dataclasses.replace(h200, lora_efficiency=None))
+    assert bound == pytest.approx(h200.layer_tflops * 1e12 / (4 * (32 * model.params_per_layer + 128256 * 4096)))
+    assert lora_tokens_per_s(model, h200) == pytest.approx(bound * h200.lora_efficiency)
+    workload = Workload(tokens=20_000_000, seq_len=1024)
+    slow = lora_stage_s(model, workload, h200, 4)
+    assert slow > lora_stage_s(model, workload, dataclasses.replace(h200, lora_efficiency=None), 4)
+    assert slow - lora_stage_s(model, workload, dataclasses.replace(h200, lora_startup_params_per_s=None), 4) == \
+        pytest.approx(8_030_261_248 / 4 / h200.lora_startup_params_per_s)
+
+
+def test_fitted_constants_in_presets(tmp_path):
+    h200, h100 = load_hardware("h200"), load_hardware("h100")
+    assert h200.fitted_on == "llama3-8b" and h200.left_out() == []
+    # h100 carries only the hardware-independent ratios; the host-side constants are not measured there.
+    assert (h100.stage1_attention_slowdown, h100.eval_step_fraction, h100.lora_efficiency) == (
+        h200.stage1_attention_slowdown, h200.eval_step_fraction, h200.lora_efficiency)
+    assert h100.left_out() == ["weight_build_params_per_s", "host_copy_GBps", "task_overhead_s",
+                               "lora_startup_params_per_s"]
+    base = (REPO / "configs" / "hardware" / "h100.yaml").read_text()
+    for extra, message in [("host_copy_GBps: -1\n", "host_copy_GBps must be a positive number"),
+                           ("stage1_slowdown: 3\n", "unknown keys"),
+                           ("task_overhead_s: fast\n", "task_overhead_s must be a number >= 0")]:
+        (tmp_path / "bad.yaml").write_text(base + extra)
+        with pytest.raises(ConfigError, match=message):
+            load_hardware(str(tmp_path / "bad.yaml"))
+
+
+def test_stage2_with_gradient_checkpointing_plans_the_recomputed_forward(tmp_path):
+    """finetune.gradient_checkpointing (the 70B stage-2 setting) runs each layer's forward again in the backward:
+    6 FLOPs per matmul weight and token instead of 4, so the check plans 2/3 of the rate for such a run."""
+    h200, model = load_hardware("h200"), load_model_config("llama3.1-70b")
+    assert lora_tokens_per_s(model, h200, True) == pytest.approx(lora_tokens_per_s(model, h200) * 4 / 6)
+    data = json.loads(RUN_70B.read_text())
+    data["config"]["finetune"]["gradient_checkpointing"] = True
+    data["finetune"] = json.loads((SCALE / "scale_run_llama3-8b_4gpu_resumed.json").read_text())["finetune"]
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    row = next(r for r in check_runs([str(tmp_path / "run.json")], "h200")["rows"]
+               if r["quantity"] == "stage 2: tokens/s per rank")
+    assert row["planned"] == pytest.approx(lora_tokens_per_s(model, h200, True)) and "checkpointing" in row["note"]
