@@ -25,10 +25,12 @@ so it depends neither on the world size nor on where a run was interrupted.
 
 Building the model: under ZeRO-2 every rank builds the whole stitched model (load_stitched). Under ZeRO-3 it is
 built already partitioned (load_stitched_partitioned): the base model is constructed inside deepspeed.zero.Init,
-so each parameter is split across the ranks as soon as its module exists, and then filled one tensor at a
-time, each by one owner rank (round-robin, so the ranks generate or read their tensors in parallel) that
-broadcasts it into the partitions. No rank ever holds more than its share plus one full tensor (70B on 4 GPUs:
-35 GB of bf16 weights per GPU, not 140). The result is bit-identical to load_model's.
+so each parameter is split across the ranks as soon as its module exists, and then filled. Random weights: each
+rank generates exactly the elements of its own partitions (a random tensor is made of independently seeded
+pieces, pipeline/models.py), with no collective at all. Checkpoint weights: one tensor at a time, each read by one
+owner rank (round-robin, so the ranks read in parallel) that broadcasts it into the partitions. No rank ever holds
+more than its share plus one full tensor (70B on 4 GPUs: 35 GB of bf16 weights per GPU, not 140). Either way the
+result is bit-identical to load_model's.
 
 Fault injection (tests and the GPU scale proof): $LINEARIZE_FAULT (pipeline/stages.py FAULT_ENV) may hold
 `finetune:exit_after=N[:rank=R]` among its `;`-separated specs: rank R (default 0) SIGKILLs itself right after
@@ -140,8 +142,10 @@ def _checkpoint_source(directory: Path, names: list[str]) -> TensorSource:
     return read
 
 
-def _fill_partitioned(model: torch.nn.Module, source: TensorSource, rank: int, world_size: int) -> None:
-    """Give every ZeRO-3-partitioned parameter its value, one full tensor at a time (collective).
+def _fill_partitioned(named: list[tuple[str, torch.nn.Parameter]], source: TensorSource, rank: int,
+                      world_size: int) -> None:
+    """Give the ZeRO-3-partitioned parameters `named` their values, one full tensor at a time (collective: every
+    rank passes the same list).
 
     Parameters are taken in groups of `world_size`; in a group, rank r makes tensor r (generation and disk reads,
     the slow part, run on all ranks at once), then each tensor in turn is gathered and its owner's copy is
@@ -149,10 +153,6 @@ def _fill_partitioned(model: torch.nn.Module, source: TensorSource, rank: int, w
     """
     import deepspeed
 
-    named = list(model.named_parameters())  # a tied parameter appears once
-    stray = [name for name, param in named if not hasattr(param, "ds_id")]
-    if stray:
-        raise RuntimeError(f"parameters {stray[:3]} were not partitioned by deepspeed.zero.Init")
     for first in range(0, len(named), world_size):
         group = named[first:first + world_size]
         mine = None
@@ -166,21 +166,63 @@ def _fill_partitioned(model: torch.nn.Module, source: TensorSource, rank: int, w
         mine = None
 
 
+RangeSource = Callable[[str, int, int, int, torch.dtype], torch.Tensor]
+"""(full parameter name, numel, start, stop, dtype) -> elements [start, stop) of the flat tensor, on CPU."""
+
+
+def _partition_range(param: torch.nn.Parameter) -> tuple[int, int]:
+    """The flat elements [start, stop) of `param` that this rank's ZeRO-3 partition holds (stop - start may be
+    less than the partition, or 0: the padding). DeepSpeed 0.19 (partition_parameters.py, Init._partition_param)
+    pads the flat tensor to a multiple of the partition group's size W and gives group rank r the elements
+    [r * size, (r + 1) * size) with size = ceil(numel / W) = ds_tensor.ds_numel, in ds_tensor[0:size]."""
+    import deepspeed.comm as dist
+
+    size, numel = param.ds_tensor.ds_numel, param.ds_numel
+    world_size = dist.get_world_size(group=param.ds_process_group)
+    if size != -(-numel // world_size):  # a DeepSpeed whose layout this code does not know
+        raise RuntimeError(f"ZeRO-3 partition of {numel} elements over {world_size} ranks holds {size}, not "
+                           f"ceil({numel} / {world_size}): DeepSpeed's partition layout changed; see "
+                           "partition_parameters.py, Init._partition_param")
+    start = min(dist.get_rank(group=param.ds_process_group) * size, numel)
+    return start, min(start + size, numel)
+
+
+def _partition_is_writable(param: torch.nn.Parameter) -> bool:
+    """Whether param.ds_tensor is the whole of what DeepSpeed keeps of the parameter, so writing it is enough: not
+    swapped out to NVMe, not quantized, no hpZ secondary partition to keep in step."""
+    part = param.ds_tensor
+    return (part is not None and getattr(part, "final_location", None) is None
+            and not hasattr(part, "ds_quant_scale") and getattr(param, "ds_secondary_tensor", None) is None)
+
+
+def _fill_local_partitions(named: list[tuple[str, torch.nn.Parameter]], source: RangeSource) -> None:
+    """Write each parameter's own ZeRO-3 partition straight into param.ds_tensor, in its dtype (no collective, no
+    full tensor): the rank makes only the elements it holds. The padding keeps whatever DeepSpeed left there."""
+    for name, param in named:
+        start, stop = _partition_range(param)
+        values = source(name, param.ds_numel, start, stop, param.ds_tensor.dtype)
+        with torch.no_grad():
+            param.ds_tensor.narrow(0, 0, stop - start).copy_(values)
+
+
 def load_stitched_partitioned(run: RunDir, ds_config: dict, dtype: torch.dtype,
                               device: torch.device) -> StitchedModel:
     """load_stitched for ZeRO-3 (collective: every rank calls it): the base model is built inside
     deepspeed.zero.Init, so its parameters are partitioned across the ranks from the start, then filled with
-    the values load_model gives them (random_value by name, or the safetensors of a Hugging Face directory).
+    the values load_model gives them: random weights by each rank generating only the elements of its own
+    partitions (random_value_range, no collective), a Hugging Face directory's safetensors by _fill_partitioned.
 
     The converted layers' feature maps and gamma are created outside zero.Init (ordinary parameters, loaded on
     every rank); deepspeed.initialize partitions them, and PEFT's LoRA, like any parameter it finds unpartitioned.
     """
+    from functools import partial
+
     import deepspeed
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .models import _rotary, hf_config, model_directory, random_value
+    from .models import _rotary, hf_config, model_directory, random_value, random_value_range
 
     meta, state, layers, model_config, settings = _read_stitched(run)
     directory = model_directory(model_config)
@@ -205,11 +247,18 @@ def load_stitched_partitioned(run: RunDir, ds_config: dict, dtype: torch.dtype,
         raise RuntimeError(f"deepspeed.zero.Init built parameters in {wrong}, not {dtype}; check ds_config's bf16")
     if config.tie_word_embeddings:
         model.tie_weights()  # before filling: the tied matrix is then one parameter, filled once
-    if directory is None:
-        source = lambda name, shape, dtype: random_value(model_config.seed, name, shape, dtype)  # noqa: E731
-    else:
-        source = _checkpoint_source(directory, [name for name, _ in model.named_parameters()])
-    _fill_partitioned(model, source, dist.get_rank(), dist.get_world_size())
+    named = list(model.named_parameters())  # a tied parameter appears once, so it is filled once
+    stray = [name for name, param in named if not hasattr(param, "ds_id")]
+    if stray:
+        raise RuntimeError(f"parameters {stray[:3]} were not partitioned by deepspeed.zero.Init")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if directory is None:  # each rank generates just its partitions; layouts it cannot write take the gather path
+        _fill_local_partitions([(name, p) for name, p in named if _partition_is_writable(p)],
+                               partial(random_value_range, model_config.seed))
+        _fill_partitioned([(name, p) for name, p in named if not _partition_is_writable(p)],
+                          partial(random_value, model_config.seed), rank, world_size)
+    else:  # safetensors are read whole: each tensor by one owner rank, broadcast into the partitions
+        _fill_partitioned(named, _checkpoint_source(directory, [name for name, _ in named]), rank, world_size)
     # The rotary buffer as load_model leaves it: built outside zero.Init (whose tensor constructors would cast it),
     # cast to the model dtype for random weights (load_model's model.to(dtype)), fp32 as from_pretrained keeps it.
     rotary = _rotary(model_config, config, "cpu")

@@ -9,6 +9,7 @@ no process ever needs the whole 70B/405B model to make its part of it.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import zlib
 from pathlib import Path
@@ -43,17 +44,52 @@ def _modeling_classes(model_cfg: ModelConfig):
 
 RANDOM_CHUNK = 1 << 22
 """Elements per independently seeded piece of a random tensor (4M): the pieces are generated in parallel
-threads, and the result depends only on (seed, name, shape), never on the thread count."""
+threads, and the result depends only on (seed, name, number of elements), never on the thread count. Any
+range of a tensor can be made on its own (random_tensor_range): a piece depends on nothing outside it."""
 
 
 def _tensor_seed(seed: int, name: str, chunk: int = 0) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) + chunk * 7_919) % (2**63 - 1)
 
 
-def _fill_chunk(flat: torch.Tensor, seed: int, name: str, chunk: int) -> None:
-    piece = flat[chunk * RANDOM_CHUNK:(chunk + 1) * RANDOM_CHUNK]
+def _chunk_normals(seed: int, name: str, numel: int, chunk: int) -> torch.Tensor:
+    """Piece `chunk` of the flat tensor `name` of `numel` elements, whole (fp32). It is always generated at its
+    full length: torch's randn(n) is not a prefix of randn(m) for n < m, so a piece cannot be cut short."""
+    length = min(RANDOM_CHUNK, numel - chunk * RANDOM_CHUNK)
     gen = torch.Generator().manual_seed(_tensor_seed(seed, name, chunk))
-    piece.copy_(torch.randn(piece.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+    return torch.randn(length, generator=gen, dtype=torch.float32).mul_(0.02)
+
+
+def _check_range(numel: int, start: int, stop: int) -> None:
+    if not 0 <= start <= stop <= numel:
+        raise ValueError(f"start={start}, stop={stop}: need 0 <= start <= stop <= numel={numel}; pass a range "
+                         "inside the flat tensor")
+
+
+def random_tensor_range(seed: int, name: str, numel: int, start: int, stop: int,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Elements [start, stop) of the flat random tensor `name` of `numel` elements, on CPU: bit-identical to
+    random_tensor(seed, name, shape, dtype).view(-1)[start:stop] for any shape of `numel` elements. Only the
+    RANDOM_CHUNK pieces that overlap the range are generated, so a ZeRO-3 rank makes just its partition."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _check_range(numel, start, stop)
+    out = torch.empty(stop - start, dtype=torch.float32)
+
+    def fill(chunk: int) -> None:
+        first = chunk * RANDOM_CHUNK
+        values = _chunk_normals(seed, name, numel, chunk)
+        lo, hi = max(start, first), min(stop, first + values.numel())
+        out[lo - start:hi - start].copy_(values[lo - first:hi - first])
+
+    chunks = range(start // RANDOM_CHUNK, -(-stop // RANDOM_CHUNK)) if stop > start else range(0)
+    if len(chunks) <= 1:
+        for chunk in chunks:
+            fill(chunk)
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1)) as pool:
+            list(pool.map(fill, chunks))
+    return out.to(dtype)
 
 
 def random_tensor(seed: int, name: str, shape: tuple[int, ...] | torch.Size,
@@ -61,28 +97,27 @@ def random_tensor(seed: int, name: str, shape: tuple[int, ...] | torch.Size,
     """The deterministic N(0, 0.02) weight called `name` (on CPU). A CPU generator makes ~140M normals/s on
     one core, so a 70B model would take minutes per process; each RANDOM_CHUNK piece has its own generator
     and the pieces run in a thread pool (torch releases the GIL), one per core."""
-    from concurrent.futures import ThreadPoolExecutor
+    numel = math.prod(shape)
+    return random_tensor_range(seed, name, numel, 0, numel, dtype).view(tuple(shape))
 
-    out = torch.empty(tuple(shape), dtype=torch.float32)
-    flat = out.view(-1)
-    chunks = max(1, -(-flat.numel() // RANDOM_CHUNK))
-    if chunks == 1:
-        _fill_chunk(flat, seed, name, 0)
-    else:
-        workers = min(chunks, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda c: _fill_chunk(flat, seed, name, c), range(chunks)))
-    return out.to(dtype)
+
+def random_value_range(seed: int, name: str, numel: int, start: int, stop: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Elements [start, stop) of random_value(seed, name, shape, dtype).view(-1), `numel` = the shape's size:
+    1 for norms, 0 for biases, random_tensor_range otherwise."""
+    _check_range(numel, start, stop)
+    if "norm" in name:
+        return torch.ones(stop - start, dtype=dtype)
+    if name.endswith("bias"):
+        return torch.zeros(stop - start, dtype=dtype)
+    return random_tensor_range(seed, name, numel, start, stop, dtype)
 
 
 def random_value(seed: int, name: str, shape: tuple[int, ...] | torch.Size,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """What random_init_ gives the parameter `name`: 1 for norms, 0 for biases, random_tensor otherwise."""
-    if "norm" in name:
-        return torch.ones(tuple(shape), dtype=dtype)
-    if name.endswith("bias"):
-        return torch.zeros(tuple(shape), dtype=dtype)
-    return random_tensor(seed, name, shape, dtype)
+    numel = math.prod(shape)
+    return random_value_range(seed, name, numel, 0, numel, dtype).view(tuple(shape))
 
 
 @torch.no_grad()

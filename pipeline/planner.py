@@ -791,23 +791,17 @@ def _cost_lines(p: Plan) -> list[str]:
 
 def _constants_line(hw: Hardware) -> str:
     """The preset's fitted constants, one line."""
-    parts = []
-    if hw.stage1_attention_slowdown is not None:
-        parts.append(f"stage-1 hybrid × {hw.stage1_attention_slowdown:g}")
-    if hw.eval_step_fraction is not None:
-        parts.append(f"evaluation {hw.eval_step_fraction:g} of a step")
-    if hw.weight_build_params_per_s is not None:
-        parts.append(f"random weights {hw.weight_build_params_per_s / 1e9:g}B params/s per task")
-    if hw.host_copy_GBps is not None:
-        parts.append(f"GPU<->host copies {hw.host_copy_GBps:g} GB/s")
-    if hw.cache_write_GBps is not None:
-        parts.append(f"cache writes {hw.cache_write_GBps:g} GB/s")
-    if hw.task_overhead_s is not None:
-        parts.append(f"{hw.task_overhead_s:g} s per task")
-    if hw.lora_efficiency is not None:
-        parts.append(f"stage-2 efficiency {hw.lora_efficiency:g}")
-    if hw.lora_startup_params_per_s is not None:
-        parts.append(f"stage-2 start {hw.lora_startup_params_per_s / 1e6:g}M params/s per rank")
+    described = [  # (value, how it reads)
+        (hw.stage1_attention_slowdown, lambda v: f"stage-1 hybrid × {v:g}"),
+        (hw.eval_step_fraction, lambda v: f"evaluation {v:g} of a step"),
+        (hw.weight_build_params_per_s, lambda v: f"random weights {v / 1e9:g}B params/s per task"),
+        (hw.host_copy_GBps, lambda v: f"GPU<->host copies {v:g} GB/s"),
+        (hw.cache_write_GBps, lambda v: f"cache writes {v:g} GB/s"),
+        (hw.task_overhead_s, lambda v: f"{v:g} s per task"),
+        (hw.lora_efficiency, lambda v: f"stage-2 efficiency {v:g}"),
+        (hw.lora_startup_params_per_s, lambda v: f"stage-2 start {v / 1e6:g}M params/s per rank"),
+    ]
+    parts = [describe(value) for value, describe in described if value is not None]
     return "  fitted: " + ("; ".join(parts) if parts else "none") + (f" (on {hw.fitted_on})" if hw.fitted_on else "")
 
 

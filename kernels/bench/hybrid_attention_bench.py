@@ -48,6 +48,7 @@ from kernels.hybrid_attention import (
 )
 from kernels.hybrid_attention.triton_api import (
     launch_configs,
+    UNVERIFIED_SUPER_CHUNK_ENV,
     resolve_launch_configs,
     triton_hybrid_attention,
     triton_hybrid_decode_step,
@@ -252,6 +253,9 @@ def super_chunk_override(shape: dict, super_chunk: int | None):
 
     if super_chunk is None:
         return contextlib.nullcontext()
+    # The bench times and checks what the user asks for: M > 1 state gradients are refused on CUDA in training
+    # (known wrong on an H100), but here the check column is what tells whether they are fixed.
+    os.environ[UNVERIFIED_SUPER_CHUNK_ENV] = "1"
     row = resolve_launch_configs(shape["head_dim"], FEATURE_DIM)
     return launch_configs(**{kernel: dataclasses.replace(row[kernel], super_chunk=super_chunk)
                              for kernel in ("state_fwd", "state_bwd")})

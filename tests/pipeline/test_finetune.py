@@ -1,6 +1,7 @@
 """Stage 2 (LoRA with DeepSpeed in Ray workers) on a tiny model: ZeRO-2/3 with one and two workers, the
 adapter it leaves, kill-and-resume (same and different worker count, and a LINEARIZE_FAULT killing rank 1)
-ending where an undisturbed run ends, and the ZeRO-3 model built partitioned yet equal to load_model's.
+ending where an undisturbed run ends, and the ZeRO-3 model built partitioned yet equal to load_model's (random
+weights: each rank generating only its own partitions, for one, two and three workers).
 
 One Ray instance and one group of worker actors per world size are shared by the whole module: actor
 start-up (importing torch, transformers, peft, deepspeed) dominates the cost of these tests.
@@ -181,11 +182,11 @@ def test_zero3_first_eval_matches_zero2(undisturbed):
     assert math.isclose(zero2, zero3, rel_tol=1e-6), (zero2, zero3)
 
 
-def _random_weights(run):
-    """Point the run at deterministic random weights (the 70B preset's path), with tied embeddings."""
+def _random_weights(run, tied=True):
+    """Point the run at deterministic random weights (the 70B preset's path), with tied embeddings or not."""
     meta = run.read_json(STITCHED_META)
     meta["model"]["weights"] = "random"
-    meta["model"]["hf_config"]["tie_word_embeddings"] = True
+    meta["model"]["hf_config"]["tie_word_embeddings"] = tied
     run.write_json(STITCHED_META, meta)
     return run
 
@@ -224,6 +225,67 @@ def test_zero3_build_is_partitioned_and_equal_to_load_model(tmp_path_factory, mo
         assert set(full) == set(expected)
         for name, tensor in full.items():
             assert torch.equal(tensor, expected[name].detach()), name
+
+
+SMALL_CHUNK = 100
+"""RANDOM_CHUNK for the test below: it divides no partition boundary of the tiny model (ZeRO-3 partitions of
+1024, 2048, 4096, 1366, 2731 ... elements), so every rank's partition starts and ends inside a piece."""
+
+
+@pytest.mark.parametrize("world_size, tied", [(1, True), (2, True), (2, False), (3, True)])
+def test_zero3_random_build_fills_each_partition_locally_and_equals_load_model(
+        tmp_path_factory, model_dir, groups, monkeypatch, world_size, tied):
+    """Random weights under ZeRO-3: every rank writes only its own partition of each tensor (random_value_range
+    into param.ds_tensor, no full tensor, no gather), with pieces of 100 elements cut by the partition
+    boundaries and 3 ranks leaving padding; gathered, every parameter is bit-identical to load_model's."""
+    run = _random_weights(_run(tmp_path_factory, model_dir, 3, f"local-partitions-{world_size}-{tied}"), tied)
+
+    def build(run_url, chunk):  # runs on every rank (pickled by value: a nested function)
+        import deepspeed
+        import pipeline.models as models
+        from pipeline import finetune
+        from pipeline.rundir import RunDir
+
+        ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
+        default_chunk, models.RANDOM_CHUNK = models.RANDOM_CHUNK, chunk
+        try:  # the actors are shared by the module: restore the piece size for the next test
+            model = finetune.load_stitched_partitioned(RunDir(run_url), ds_config, torch.float32,
+                                                       torch.device("cpu")).model
+        finally:
+            models.RANDOM_CHUNK = default_chunk
+        local, full = {}, {}
+        for name, param in model.named_parameters():
+            if hasattr(param, "ds_id"):
+                local[name] = (param.data.numel(), param.ds_tensor.numel(), param.ds_numel,
+                               finetune._partition_is_writable(param))
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full[name] = param.detach().clone()
+        return local, full, model.lm_head.weight is model.model.embed_tokens.weight
+
+    if world_size == 3:  # its own group, beside the module's groups of 1 and 2 (0.5 CPU each): 1.5 of 2 CPUs taken
+        group = DeepSpeedWorkerGroup(3, cpus_per_worker=0.1, env=ENV)
+        try:
+            results = group.run(build, run.url, SMALL_CHUNK)
+        finally:
+            group.shutdown()
+    else:
+        results = groups(world_size).run(build, run.url, SMALL_CHUNK)
+    from pipeline import models
+    monkeypatch.setattr(models, "RANDOM_CHUNK", SMALL_CHUNK)
+    expected = {name: param.detach() for name, param in load_stitched(run).model.named_parameters()}
+    assert not torch.equal(expected["model.embed_tokens.weight"].view(-1)[:SMALL_CHUNK],
+                           expected["model.embed_tokens.weight"].view(-1)[SMALL_CHUNK:2 * SMALL_CHUNK])
+    assert len(results) == world_size
+    for local, full, is_tied in results:
+        assert is_tied == tied
+        assert "lm_head.weight" in local or tied  # a tied lm_head is the embedding's parameter, filled once
+        for name, (materialised, held, numel, writable) in local.items():
+            # The local path was taken: a plain partition of ceil(numel / world_size), nothing materialised.
+            assert writable and materialised == 0 and held == math.ceil(numel / world_size), (name, held, numel)
+        assert set(full) == set(expected)
+        for name, tensor in full.items():
+            assert torch.equal(tensor, expected[name]), name
 
 
 def test_resume_with_a_different_worker_count(tmp_path_factory, model_dir, groups, undisturbed):

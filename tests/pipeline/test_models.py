@@ -1,4 +1,5 @@
-"""Teacher models: deterministic random weights per layer equal the whole model's; real layers load alone."""
+"""Teacher models: deterministic random weights per layer equal the whole model's, any range of a random tensor
+equals the same slice of the whole; real layers load alone."""
 
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import torch
 
 from pipeline.config import load_model_config
 import pipeline.models as models
-from pipeline.models import load_layer_stack, load_model, random_tensor
+from pipeline.models import (load_layer_stack, load_model, random_tensor, random_tensor_range, random_value,
+                             random_value_range)
 
 TINY = {"name": "tiny", "architecture": "LlamaForCausalLM", "weights": "random", "seed": 3,
         "hf_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -41,6 +43,70 @@ def test_random_tensors_do_not_depend_on_the_thread_count(monkeypatch):
     assert not torch.equal(pieces[0], pieces[1]) and not torch.equal(pieces[1], pieces[2])  # own generator each
     assert abs(many.std().item() - 0.02) < 0.002
     assert not torch.equal(many, random_tensor(5, "model.layers.0.mlp.down_proj.weight", (37, 101)))
+
+
+WEIGHT = "model.layers.0.mlp.up_proj.weight"
+RANGES = [(0, 0), (150, 150), (481, 481),  # empty: at the start, inside, at the end
+          (3, 40), (70, 128), (128, 192),  # inside one piece (the second ends on a boundary, the third is whole)
+          (60, 70), (10, 300), (1, 480),  # across pieces
+          (448, 481), (470, 481), (200, 481), (0, 481)]  # the short last piece (448..481) and the whole
+
+
+def test_random_tensor_pieces_have_their_own_generators(monkeypatch):
+    """Pins what a random tensor is (hidden-state caches of random-weight runs depend on it): piece c of the flat
+    tensor is 0.02 * randn(its length) from a generator seeded by (seed, name, c), the last piece short."""
+    monkeypatch.setattr(models, "RANDOM_CHUNK", 64)
+    flat = random_tensor(5, WEIGHT, (13, 37)).view(-1)  # 481 elements: 7 pieces of 64 and one of 33
+    for chunk in range(8):
+        piece = flat[chunk * 64:(chunk + 1) * 64]
+        gen = torch.Generator().manual_seed(models._tensor_seed(5, WEIGHT, chunk))
+        assert torch.equal(piece, torch.randn(piece.numel(), generator=gen).mul_(0.02)), chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_range_of_a_random_tensor_is_the_slice_of_the_whole(monkeypatch, dtype):
+    monkeypatch.setattr(models, "RANDOM_CHUNK", 64)
+    whole = random_tensor(5, WEIGHT, (13, 37), dtype).view(-1)
+    for start, stop in RANGES:
+        part = random_tensor_range(5, WEIGHT, 481, start, stop, dtype)
+        assert part.dtype == dtype and part.shape == (stop - start,)
+        assert torch.equal(part, whole[start:stop]), (start, stop)
+    # The range depends on the tensor's size (the last piece is generated at its own length), not its shape.
+    tail = random_tensor_range(5, WEIGHT, 481, 400, 481, dtype)
+    assert torch.equal(tail, random_tensor(5, WEIGHT, (481,), dtype)[400:])
+
+
+def test_a_range_generates_only_the_pieces_it_overlaps(monkeypatch):
+    monkeypatch.setattr(models, "RANDOM_CHUNK", 64)
+    made = []
+    real = models._chunk_normals
+    monkeypatch.setattr(models, "_chunk_normals", lambda seed, name, numel, chunk: made.append(chunk) or
+                        real(seed, name, numel, chunk))
+    for (start, stop), pieces in {(150, 150): [], (70, 128): [1], (60, 70): [0, 1], (100, 300): [1, 2, 3, 4],
+                                  (470, 481): [7]}.items():
+        made.clear()
+        random_tensor_range(5, WEIGHT, 481, start, stop)
+        assert sorted(made) == pieces, (start, stop)
+
+
+def test_a_range_of_a_random_value_follows_its_rules(monkeypatch):
+    """Norms 1, biases 0, other weights random: every range equals the slice of random_value's tensor."""
+    monkeypatch.setattr(models, "RANDOM_CHUNK", 64)
+    for name in ("model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.bias", WEIGHT):
+        whole = random_value(5, name, (13, 37), torch.bfloat16).view(-1)
+        for start, stop in RANGES:
+            part = random_value_range(5, name, 481, start, stop, torch.bfloat16)
+            assert part.dtype == torch.bfloat16 and torch.equal(part, whole[start:stop]), (name, start, stop)
+    assert torch.equal(random_value_range(5, "model.norm.weight", 481, 5, 9), torch.ones(4))
+    assert torch.equal(random_value_range(5, "lm_head.bias", 481, 5, 9), torch.zeros(4))
+    assert random_value_range(5, WEIGHT, 481, 5, 9).abs().min() > 0
+
+
+@pytest.mark.parametrize("start, stop", [(-1, 3), (5, 4), (0, 482)])
+def test_a_range_outside_the_tensor_is_refused(start, stop):
+    for make in (random_tensor_range, random_value_range):
+        with pytest.raises(ValueError, match=f"start={start}, stop={stop}: need 0 <= start <= stop <= numel=481"):
+            make(5, WEIGHT, 481, start, stop)
 
 
 def test_layer_range_errors():
