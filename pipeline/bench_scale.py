@@ -176,11 +176,15 @@ def summarize(run_dir: Path) -> dict:
         out["blocks"] = {
             "collect_wall_s": blocks["collect_wall_s"], "transfer_wall_s": blocks["transfer_wall_s"],
             "wall_s": blocks["wall_s"],
+            # started_at/ended_at (wall clock) line the tasks up against each other; first_* are the parts of
+            # a fresh process's first step and evaluation that include JIT compilation.
             "collect": [{key: c.get(key) for key in ("boundary", "seconds", "compute_s", "write_s", "read_s",
-                                                      "tokens", "peak_gpu_bytes")} for c in blocks["collect"]],
+                                                      "tokens", "bytes_written", "peak_gpu_bytes", "started_at",
+                                                      "ended_at")} for c in blocks["collect"]],
             "transfer": [{"block": t["block"], "layers": t["layers"], **{key: t["attempt"].get(key) for key in (
-                "wall_s", "load_s", "train_s", "eval_s", "tokens_per_s", "peak_gpu_bytes",
-                "resumed_from_micro_step")}, "micro_steps": t["micro_steps"]} for t in transfers],
+                "wall_s", "load_s", "train_s", "eval_s", "first_micro_step_s", "first_eval_s", "tokens_per_s",
+                "peak_gpu_bytes", "resumed_from_micro_step", "started_at", "ended_at")},
+                "micro_steps": t["micro_steps"]} for t in transfers],
         }
     if finetune:
         out["finetune"] = {key: value for key, value in finetune.items() if key != "history"}

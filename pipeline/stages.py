@@ -420,6 +420,8 @@ def collect_boundary(run_url: str, boundary: int, *, device: str = "cpu", thread
         bar.close()
     stats["seconds"] = time.perf_counter() - started
     stats["peak_gpu_bytes"] = peak_gpu_bytes(device)
+    stats["ended_at"] = time.time()
+    stats["started_at"] = stats["ended_at"] - stats["seconds"]
     return stats
 
 
@@ -496,7 +498,7 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
     {"status": "corrupt", ...} if a boundary shard failed verification."""
     from .models import load_layer_stack
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     dtype = _setup_worker(device, threads)
     ctx = load_context(run_url)
     run, config, settings = ctx.run, ctx.config, ctx.config.transfer
@@ -533,10 +535,15 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
     def evaluate() -> dict:
         t0 = time.perf_counter()
         out = trainer.evaluate((h.to(device=device, dtype=dtype), p.to(device)) for h, p in validation)
-        timing["eval_s"] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        timing["eval_s"] += seconds
+        if timing["first_eval_s"] is None:
+            timing["first_eval_s"] = seconds
         return out
 
-    timing = {"eval_s": 0.0, "train_s": 0.0}
+    # The first evaluation and the first micro-step are timed apart: in a fresh process they include the
+    # kernels' JIT compilation, which the planner's per-step rate does not model.
+    timing = {"eval_s": 0.0, "train_s": 0.0, "first_eval_s": None, "first_micro_step_s": None}
     metrics_rel, checkpoint_rel = f"{folder}/{METRICS}", f"{folder}/{CHECKPOINT}"
     pending: list[dict] = []
     position, tokens = CachePosition(), 0
@@ -561,6 +568,8 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
             t0 = time.perf_counter()
             for hidden, positions, after in rows:
                 metrics = trainer.train_micro_batch(hidden.to(device=device, dtype=dtype), positions.to(device))
+                if timing["first_micro_step_s"] is None:
+                    timing["first_micro_step_s"] = time.perf_counter() - t0
                 position, tokens = after, tokens + hidden.shape[0] * seq_len
                 window.append(metrics)
                 bar.update(1)
@@ -606,8 +615,10 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
         "evaluations": len(trainer.history),
         "attempt": {"resumed_from_micro_step": resumed_from, "tokens": trained, "load_s": load_s,
                     "train_s": timing["train_s"], "eval_s": timing["eval_s"],
+                    "first_micro_step_s": timing["first_micro_step_s"], "first_eval_s": timing["first_eval_s"],
                     "tokens_per_s": trained / timing["train_s"] if timing["train_s"] else None,
-                    "wall_s": time.perf_counter() - started, "peak_gpu_bytes": peak_gpu_bytes(device)},
+                    "wall_s": time.perf_counter() - started, "peak_gpu_bytes": peak_gpu_bytes(device),
+                    "started_at": started_at, "ended_at": time.time()},
     })
     run.write_json(f"{folder}/{RESULT}", result)  # last: the block is done
     return result

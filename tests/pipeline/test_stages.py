@@ -4,6 +4,7 @@ with stage 2), a rerun that does nothing, and collect rewriting exactly the miss
 
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -51,6 +52,13 @@ def test_plan_state_and_cache_layout(reference):
     summary = reference.read_json("blocks/summary.json")
     assert all(task["peak_gpu_bytes"] is None for task in summary["collect"])  # CPU workers: no GPU peak
     assert all(task["attempt"]["peak_gpu_bytes"] is None for task in summary["transfer"])
+    # Wall-clock spans (to line tasks up across processes) and the first step and evaluation timed apart.
+    for task in summary["collect"] + [t["attempt"] for t in summary["transfer"]]:
+        assert task["started_at"] <= task["ended_at"] <= time.time()
+    for task in summary["transfer"]:
+        attempt = task["attempt"]
+        assert 0 < attempt["first_micro_step_s"] <= attempt["train_s"]
+        assert 0 < attempt["first_eval_s"] <= min(attempt["eval_s"], attempt["load_s"])
 
 
 def test_boundaries_are_the_teachers_raw_residual_stream(reference):
