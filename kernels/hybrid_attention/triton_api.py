@@ -197,7 +197,8 @@ def _check_super_chunks(super_bwd: int, device: torch.device) -> None:
     if super_bwd > 1 and device.type == "cuda" and os.environ.get(UNVERIFIED_SUPER_CHUNK_ENV) != "1":
         raise ValueError(f"state_bwd super_chunk={super_bwd}: super-chunked state gradients are wrong on the GPU "
                          "(kernels/hybrid_attention/TRITON.md, 'Super-chunks'); use super_chunk=1 (or None) for "
-                         f"state_bwd; super_chunk > 1 for state_fwd is fine. Set {UNVERIFIED_SUPER_CHUNK_ENV}=1 "
+                         f"state_bwd (super_chunk > 1 for state_fwd gave right y, dq and dφq on the H100; with state_bwd at 1 "
+                         f"that pairing is tested on the CPU only). Set {UNVERIFIED_SUPER_CHUNK_ENV}=1 "
                          "only to debug it")
 
 
