@@ -199,6 +199,9 @@ class AttentionConfig:
     gamma_init: float = 0.1
     layers: list[int] | None = None
     """Layer indices to convert (negative counts from the end); null = all layers."""
+    keep_softmax: list[int] | None = None
+    """Layer indices to leave as full softmax attention even when `layers` selects them: peers keep the layers that
+    convert worst (reference/peers.md). Those layers keep a KV cache that grows with the context."""
     init_from: str | None = None
     """Optional checkpoint of trained feature maps (safetensors); its feature dim must match feature_dim."""
 
@@ -402,15 +405,28 @@ class RunConfig:
                 f"transfer.layers_per_block: {k} is outside 1..{num_layers} (model {self.model.name} has "
                 f"{num_layers} layers); pick a value in that range or 'auto'"
             )
-        if self.attention.layers is not None:
-            for idx in self.attention.layers:
+        for key in ("layers", "keep_softmax"):
+            for idx in getattr(self.attention, key) or []:
                 if not -num_layers <= idx < num_layers:
                     raise ConfigError(
-                        f"attention.layers: index {idx} does not exist in {self.model.name} "
+                        f"attention.{key}: index {idx} does not exist in {self.model.name} "
                         f"({num_layers} layers: 0..{num_layers - 1}, or negative from the end)"
                     )
+        if not self.converted_layers:
+            if not self.attention.keep_softmax:
+                raise ConfigError("attention.layers: the selection is empty; give at least one index, or null for all")
+            raise ConfigError(f"attention.keep_softmax: {self.attention.keep_softmax} keeps every layer that "
+                              f"attention.layers ({self.attention.layers}) selects; leave at least one to convert")
         if self.attention.init_from:
             check_feature_dim(self.attention.init_from, self.attention.feature_dim, self.model.head_dim)
+
+    @property
+    def converted_layers(self) -> list[int]:
+        """Sorted indices of the layers that become hybrid: `attention.layers` (all when null) minus `keep_softmax`."""
+        n = self.model.num_layers
+        selected = range(n) if self.attention.layers is None else {i % n for i in self.attention.layers}
+        kept = {i % n for i in self.attention.keep_softmax or []}
+        return sorted(set(selected) - kept)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -51,7 +51,7 @@ import yaml
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from blocks.convert import AttentionSettings, convert_layers, select_layers
+from blocks.convert import AttentionSettings, convert_layers
 from blocks.transfer import BlockTrainer, TransferSettings
 
 from .cache import BoundaryCache, CacheCorruptError, CachePosition
@@ -114,7 +114,7 @@ class RunContext:
 
     @property
     def converted_layers(self) -> list[int]:
-        return select_layers(self.config.model.num_layers, self.config.attention.layers)
+        return self.config.converted_layers
 
 
 def read_run_config(run: RunDir) -> RunConfig:

@@ -48,6 +48,9 @@ BASE = {"model": "smollm2-135m", "recipe": "smoke"}
     ({"attention": {"window_kind": "global"}}, r"attention\.window_kind: 'global' is not one of"),
     ({"finetune": {"zero_stage": 1}}, r"finetune\.zero_stage: 1 is not supported; use 2 or 3"),
     ({"attention": {"layers": [0, 30]}}, r"attention\.layers: index 30 does not exist"),
+    ({"attention": {"keep_softmax": [-31]}}, r"attention\.keep_softmax: index -31 does not exist"),
+    ({"attention": {"layers": [3, -1], "keep_softmax": [29, 3]}}, r"attention\.keep_softmax: \[29, 3\] keeps every"),
+    ({"attention": {"layers": []}}, r"attention\.layers: the selection is empty"),
     ({"modle": "x"}, r"modle: unknown top-level key; did you mean 'model'"),
     ({"model": "llama-9000"}, r"no preset named 'llama-9000'; available: \["),
     ({"transfer": {"train_tokens": "lots"}}, r"transfer\.train_tokens: expected a count like"),
@@ -55,6 +58,14 @@ BASE = {"model": "smollm2-135m", "recipe": "smoke"}
 def test_bad_values_are_rejected_with_key_value_and_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve_run_config({**BASE, **override})
+
+
+def test_keep_softmax_removes_layers_from_the_converted_set():
+    assert resolve_run_config(BASE).converted_layers == list(range(30))
+    config = resolve_run_config({**BASE, "attention": {"keep_softmax": [23, -6, -3]}})
+    assert config.converted_layers == [i for i in range(30) if i not in (23, 24, 27)]
+    config = resolve_run_config({**BASE, "attention": {"layers": [0, 1, 2, -1], "keep_softmax": [1]}})
+    assert config.converted_layers == [0, 2, 29]
 
 
 def test_feature_dim_must_match_checkpoint(tmp_path):
