@@ -60,7 +60,7 @@ def recorded_launches():
         JITFunction.run = original
 
 
-def _signature(kernel, args, kwargs):
+def compile_signature(kernel, args, kwargs):
     """ASTSource signature, constexprs and divisibility attributes of one recorded launch."""
     import torch
 
@@ -122,7 +122,7 @@ def compile_launch(kernel, args, kwargs, arch: int, ptxas: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    signature, constexprs, attrs, options = _signature(kernel, args, kwargs)
+    signature, constexprs, attrs, options = compile_signature(kernel, args, kwargs)
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     stats = ptxas_stats(compiled.asm["ptx"], arch, ptxas)
@@ -147,7 +147,7 @@ KERNEL_OF = {
 }
 
 
-def _merge(fields: dict, shape: dict) -> dict:
+def launch_configs_for(fields: dict, shape: dict) -> dict:
     """{kernel: {field: value}} on top of the shape's table row → {kernel: LaunchConfig}."""
     import dataclasses
 
@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     rows = []
     for shape_name in args.shapes:
         launches = record_shape(SHAPES[shape_name], args.dtype, args.seq_len, args.window_size, args.window_kind,
-                                args.chunk_size, not args.no_decode, _merge(overrides, SHAPES[shape_name]))
+                                args.chunk_size, not args.no_decode, launch_configs_for(overrides, SHAPES[shape_name]))
         seen = set()
         for kernel, kernel_args, kwargs, _grid in launches:
             if args.kernels and KERNEL_OF[kernel.__name__] not in args.kernels:

@@ -193,7 +193,9 @@ UNVERIFIED_SUPER_CHUNK_ENV = "LINEARIZE_UNVERIFIED_SUPER_CHUNK_BWD"
 
 def _check_super_chunks(super_bwd: int, device: torch.device) -> None:
     """M > 1 for the state gradients gave wrong dv and dφk on an H100 (bf16, session 4) although it passes every
-    CPU interpreter test: refuse it on CUDA rather than train on wrong gradients."""
+    CPU interpreter test: refuse it on CUDA rather than train on wrong gradients. Session 5 traced it to a Triton
+    miscompile of _bwd_dkv_linear_carry_kernel's loop and changed the kernel (TRITON.md); the guard stays until the
+    GPU tests pass with that change."""
     if super_bwd > 1 and device.type == "cuda" and os.environ.get(UNVERIFIED_SUPER_CHUNK_ENV) != "1":
         raise ValueError(f"state_bwd super_chunk={super_bwd}: super-chunked state gradients are wrong on the GPU "
                          "(kernels/hybrid_attention/TRITON.md, 'Super-chunks'); use super_chunk=1 (or None) for "

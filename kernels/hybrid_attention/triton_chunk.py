@@ -850,16 +850,22 @@ def _bwd_dkv_linear_carry_kernel(
     b_dstate = tl.load(R + (o_state + o_f[:, None]) * D + o_d[None, :],
                        mask=m_f[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     b_dz = tl.load(RZ + o_state + o_f, mask=m_f, other=0.0)
-    # The carry holds the dS_i of every query tile >= i_next (those after this super-chunk so far).
-    i_next = tl.minimum(i_g * SUPER + SUPER, NT)
+    # On entry the carry holds the dS_i of the query tiles >= i_end (those after this super-chunk).
+    i_end = tl.minimum(i_g * SUPER + SUPER, NT)
     i_lo, i_hi = _key_range(i_g, NT, NS, SUPER, BT, WINDOW, TERRACE)
     for i_back in range(0, i_hi - i_lo):
         i_j = i_hi - 1 - i_back
-        # Key tile i_j is in the state of the query tiles from i_after on; add the ones not yet carried.
+        # Key tile i_j is in the state of the query tiles from i_after on; add the ones not yet carried, i.e.
+        # those before i_after of the key tile walked before (i_after is non-decreasing in the key tile).
+        # Recomputed, not carried: Triton 3.6 and 3.7's TritonGPURemoveLayoutConversions pass drops a scalar
+        # carried by this loop next to the two tensors (the compiled loop read i_end every time, re-adding dS_i:
+        # wrong dv and dφk on the GPU, right in the interpreter; TRITON.md).
         i_after = _key_tile_after(i_j, BT, WINDOW, TERRACE, KSPAN)
+        i_carried_from = tl.where(i_back == 0, i_end,
+                                  tl.minimum(i_end, _key_tile_after(i_j + 1, BT, WINDOW, TERRACE, KSPAN)))
         b_dstate, b_dz = _add_state_grads(b_dstate, b_dz, qf_base, dy_base, s_qft, s_dyt, DEN, DELTA, row_base,
-                                          i_after, i_next, o_f, m_f, o_d, m_d, T, BT, UPCAST, PRECISION, STATE_DOT)
-        i_next = tl.minimum(i_next, i_after)
+                                          i_after, i_carried_from, o_f, m_f, o_d, m_d, T, BT, UPCAST, PRECISION,
+                                          STATE_DOT)
 
         o_s = i_j * BT + tl.arange(0, BT)
         m_s = o_s < T
