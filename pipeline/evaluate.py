@@ -227,13 +227,16 @@ def _zero_shot_mean(result: dict) -> float | None:
     return ((result.get("zero_shot") or {}).get("average") or {}).get("avg5")
 
 
-def gate(results: dict, settings) -> dict:
-    """Checks of the final converted model (the last one measured) against the teacher and SWA+sinks."""
+def gate(results: dict, settings, model: str | None = None) -> dict:
+    """Checks of one converted model (`model`; default the last one measured) against the teacher and SWA+sinks."""
     models = results["models"]
     hybrids = [name for name, r in models.items() if r.get("hybrid")]
     if not hybrids or "teacher" not in models:
         return {"passed": None, "model": None, "checks": [], "note": "needs a converted model and the teacher"}
-    final, teacher = models[hybrids[-1]], models["teacher"]
+    if model is not None and model not in hybrids:
+        raise ValueError(f"gate model: {model!r} is not a converted model of these results; choose one of {hybrids}")
+    model = hybrids[-1] if model is None else model
+    final, teacher = models[model], models["teacher"]
     swa = next((r for name, r in models.items() if name.startswith("swa")), None)
     checks = []
 
@@ -272,7 +275,7 @@ def gate(results: dict, settings) -> dict:
             if base is not None:
                 check(f"passkey {length} >= SWA+sinks", value["accuracy"], base["accuracy"],
                       value["accuracy"] >= base["accuracy"])
-    return {"passed": all(c["passed"] for c in checks), "model": hybrids[-1], "checks": checks}
+    return {"passed": all(c["passed"] for c in checks), "model": model, "checks": checks}
 
 
 def plot(results: dict) -> bytes:
@@ -306,7 +309,10 @@ def plot(results: dict) -> bytes:
     for name, r in models.items():
         mass = r.get("linear_mass") or {}
         if mass:
-            axes[2].plot([int(k) for k in mass], [100 * v["linear_share"] for v in mass.values()], marker=".",
+            # every layer up to the last converted one, NaN where a layer stayed softmax: the line breaks there
+            share = {int(k): 100 * v["linear_share"] for k, v in mass.items()}
+            layers = list(range(min(share), max(share) + 1))
+            axes[2].plot(layers, [share.get(i, float("nan")) for i in layers], marker=".",
                          label=name, color=color[name])
     axes[2].set(title="share of attention mass in the linear part", xlabel="layer", ylabel="% (positions with a "
                 "linear part)")
@@ -580,10 +586,10 @@ MEASURED_SETTINGS = ("swa_window", "swa_sinks", "tasks", "task_limit", "mmlu_lim
                      "passkey_trials")
 
 
-def combine(baselines: dict, runs: list[tuple[str, dict]]) -> dict:
+def combine(baselines: dict, runs: list[tuple[str, dict]], gate_model: str | None = None) -> dict:
     """One results dict from several `linearize eval` outputs: the baselines (teacher, SWA+sinks) of
     `baselines` and the converted models of each (label, results), named "<label> <model>", with the gate
-    recomputed for the last one. Refuses evaluations made on other held-out data, settings or devices: they
+    recomputed for `gate_model` (default: the last one). Refuses evaluations made on other held-out data, settings or devices: they
     would not be comparable."""
     from .config import EvalConfig
 
@@ -602,7 +608,7 @@ def combine(baselines: dict, runs: list[tuple[str, dict]]) -> dict:
     combined = {"source": "combined: " + ", ".join(label for label, _ in runs), "kind": "combined",
                 "device": baselines["device"], "dtype": baselines["dtype"], "held_out": baselines["held_out"],
                 "settings": baselines["settings"], "models": models}
-    combined["gate"] = gate(combined, EvalConfig(**baselines["settings"]))
+    combined["gate"] = gate(combined, EvalConfig(**baselines["settings"]), model=gate_model)
     return combined
 
 
@@ -613,6 +619,8 @@ def combine_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate combine", description=combine.__doc__)
     parser.add_argument("--baselines", required=True, help="results.json holding the teacher and SWA+sinks")
     parser.add_argument("--out", required=True, help="folder for the combined results.json and eval.png")
+    parser.add_argument("--gate", metavar="MODEL", help="the converted model the gate judges, as named in the table "
+                        "(e.g. 'seq2048 stage2'; default: the last one)")
     parser.add_argument("runs", nargs="+", help="results.json:LABEL of each run whose converted models to add")
     args = parser.parse_args(argv)
     runs = []
@@ -621,7 +629,7 @@ def combine_main(argv: list[str] | None = None) -> int:
         if not sep or not label:
             parser.error(f"runs: {spec!r} is not FILE:LABEL (e.g. run2k/eval/results.json:seq2048)")
         runs.append((label, json.loads(Path(path).read_text())))
-    combined = combine(json.loads(Path(args.baselines).read_text()), runs)
+    combined = combine(json.loads(Path(args.baselines).read_text()), runs, gate_model=args.gate)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(combined, lambda name, data: (out / name).write_bytes(data))

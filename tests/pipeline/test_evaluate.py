@@ -161,6 +161,10 @@ def test_combine_puts_runs_beside_one_set_of_baselines(tmp_path, capsys):
     combined = combine(baselines, [("long", other)])
     assert list(combined["models"]) == ["teacher", "swa64+4sinks", "long stage1", "long stage2"]
     assert combined["gate"]["model"] == "long stage2" and combined["gate"]["passed"]
+    chosen = combine(baselines, [("long", other)], gate_model="long stage1")["gate"]
+    assert chosen["model"] == "long stage1" and not chosen["passed"]  # 11.0 is 1.1x the teacher's 10.0
+    with pytest.raises(ValueError, match="'stage9' is not a converted model"):
+        combine(baselines, [("long", other)], gate_model="stage9")
     with pytest.raises(ValueError, match="other data, settings or device"):
         combine(baselines, [("x", {**other, "held_out": {"seq_len": 128}})])
     with pytest.raises(ValueError, match="no teacher"):
