@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import zlib
 from pathlib import Path
 
@@ -87,7 +86,9 @@ def random_tensor_range(seed: int, name: str, numel: int, start: int, stop: int,
         for chunk in chunks:
             fill(chunk)
     else:
-        with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1)) as pool:
+        # torch's thread count, not the machine's cores: a Ray task gets its share (workers set it per task), so
+        # tasks building weights side by side do not oversubscribe the host
+        with ThreadPoolExecutor(max_workers=min(len(chunks), torch.get_num_threads())) as pool:
             list(pool.map(fill, chunks))
     return out.to(dtype)
 
@@ -96,7 +97,7 @@ def random_tensor(seed: int, name: str, shape: tuple[int, ...] | torch.Size,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The deterministic N(0, 0.02) weight called `name` (on CPU). A CPU generator makes ~140M normals/s on
     one core, so a 70B model would take minutes per process; each RANDOM_CHUNK piece has its own generator
-    and the pieces run in a thread pool (torch releases the GIL), one per core."""
+    and the pieces run in a thread pool (torch releases the GIL), one per torch thread."""
     numel = math.prod(shape)
     return random_tensor_range(seed, name, numel, 0, numel, dtype).view(tuple(shape))
 

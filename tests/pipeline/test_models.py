@@ -35,9 +35,14 @@ def test_random_tensors_do_not_depend_on_the_thread_count(monkeypatch):
     """A tensor of several RANDOM_CHUNK pieces is generated in a thread pool; its values must not depend on how
     many threads there are (a Ray worker and the export process have different core counts)."""
     monkeypatch.setattr(models, "RANDOM_CHUNK", 1000)
-    many = random_tensor(5, "model.layers.0.mlp.up_proj.weight", (37, 101))
-    monkeypatch.setattr(models.os, "cpu_count", lambda: 1)
-    one = random_tensor(5, "model.layers.0.mlp.up_proj.weight", (37, 101))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        many = random_tensor(5, "model.layers.0.mlp.up_proj.weight", (37, 101))
+        torch.set_num_threads(1)
+        one = random_tensor(5, "model.layers.0.mlp.up_proj.weight", (37, 101))
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(many, one)
     pieces = many.view(-1)[:3000].view(3, 1000)
     assert not torch.equal(pieces[0], pieces[1]) and not torch.equal(pieces[1], pieces[2])  # own generator each
