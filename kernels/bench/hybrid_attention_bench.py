@@ -3,10 +3,12 @@
     python -m kernels.bench.hybrid_attention_bench --quick           # a few shapes, < 2 minutes on an H100
     python -m kernels.bench.hybrid_attention_bench --out bench.json  # the full table (~6 minutes)
     python -m kernels.bench.hybrid_attention_bench --quick --super-chunks 1 8   # also time M = 1 and 8
+    python -m kernels.bench.hybrid_attention_bench --quick --launch-table tune.json   # a tune run's configs
 
 The Triton rows use the launch table of triton_api.py (DEFAULT_LAUNCH_CONFIGS: the row's super-chunk size M
-included; the JSON's settings record each shape's table row); `--super-chunks M ...` adds rows
-"triton_hybrid_m{M}" with that M for the states and the state gradients instead (checked and timed alike).
+included; `--launch-table` first replaces rows with those of a hybrid_attention_tune JSON; the JSON's settings
+record each shape's row); `--super-chunks M ...` adds rows "triton_hybrid_m{M}" with that M for the states and
+the state gradients instead (checked and timed alike).
 
 Order of work, per (model shape, window kind, T), with B = max(1, tokens // T) sequences:
 (1) correctness on the device: the Triton output and all six gradients on the first sequences
@@ -48,7 +50,7 @@ from kernels.hybrid_attention import (
 )
 from kernels.hybrid_attention.triton_api import (
     launch_configs,
-    UNVERIFIED_SUPER_CHUNK_ENV,
+    load_launch_table,
     resolve_launch_configs,
     triton_hybrid_attention,
     triton_hybrid_decode_step,
@@ -253,9 +255,6 @@ def super_chunk_override(shape: dict, super_chunk: int | None):
 
     if super_chunk is None:
         return contextlib.nullcontext()
-    # The bench times and checks what the user asks for: M > 1 state gradients are refused on CUDA in training
-    # (known wrong on an H100), but here the check column is what tells whether they are fixed.
-    os.environ[UNVERIFIED_SUPER_CHUNK_ENV] = "1"
     row = resolve_launch_configs(shape["head_dim"], FEATURE_DIM)
     return launch_configs(**{kernel: dataclasses.replace(row[kernel], super_chunk=super_chunk)
                              for kernel in ("state_fwd", "state_bwd")})
@@ -417,6 +416,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-batch", type=int, default=8, help="sequences per decode step")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case (ms)")
+    parser.add_argument("--launch-table", metavar="TUNE_JSON",
+                        help="apply the 'table' of a kernels.bench.hybrid_attention_tune JSON (load_launch_table)")
     parser.add_argument("--super-chunks", nargs="+", type=int, default=[], metavar="M",
                         help="also check and time the Triton kernels with these super-chunk sizes (rows "
                              "triton_hybrid_m{M}; the table's M is the triton_hybrid row)")
@@ -428,6 +429,8 @@ def main(argv=None) -> int:
         parser.error("needs a CUDA GPU (run it on the GPU machine)")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1 is set; unset it to time the compiled kernels")
+    if args.launch_table:
+        load_launch_table(args.launch_table)
     quick = args.quick
     args.shapes = args.shapes or sorted(SHAPES)
     args.seq_lens = args.seq_lens or ([2048, 8192, 32768] if quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536])
@@ -456,7 +459,7 @@ def main(argv=None) -> int:
                              "per query head and token; backward = 2.5× forward"),
                       shapes={name: SHAPES[name] for name in args.shapes},
                       launch_configs={name: table_row(SHAPES[name]) for name in args.shapes},
-                      super_chunks=args.super_chunks),
+                      launch_table=args.launch_table, super_chunks=args.super_chunks),
     )
     print("measuring ceilings", flush=True)
     result["ceilings"] = ceilings = measure_ceilings(bench)

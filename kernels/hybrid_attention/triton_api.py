@@ -26,7 +26,6 @@ import contextvars
 import dataclasses
 import json
 import math
-import os
 
 import torch
 import triton
@@ -170,12 +169,12 @@ DEFAULT_LAUNCH_CONFIGS: dict[tuple[int, int], dict[str, LaunchConfig]] = {
         state_fwd=LaunchConfig(num_warps=4, num_stages=3, block_f=64, block_d=64),
         state_bwd=LaunchConfig(num_warps=4, num_stages=3, block_f=32, block_d=64),
     ),
-    # D = 64: the H100 tune of session 3, per-tile states (M = 1). Super-chunks (M > 1) cut the state traffic
-    # that dominates at this head size (H100, B = 1, T = 32k: forward 9.2x SDPA at M = 4 against 5.8x at M = 1,
-    # kernels/bench/hybrid_attention_bench_superchunk_h100.json), but their state-gradient path gave wrong dv and
-    # dφk on that GPU (relative error 0.15 at M = 4, 0.56 at M = 8) while every CPU interpreter test passes; so
-    # they stay opt-in (launch_configs(state_fwd=LaunchConfig(..., super_chunk=4))) and M > 1 for the state
-    # gradients is refused on CUDA (_check_super_chunks) until a GPU run finds the cause (TRITON.md).
+    # D = 64: the H100 tune of session 3, per-tile states (M = 1). Super-chunks (M > 1) are correct on the GPU
+    # since session 5's change to _bwd_dkv_linear_carry_kernel (GPU tests passed on an H200 in session 6:
+    # docs/results/gpu_tests_h200_superchunk_session6.log); opt in with launch_configs(state_fwd=..., state_bwd=...)
+    # and super_chunk=4. The row stays at M = 1 until the fixed code is timed: session 4's 9.2x SDPA at M = 4
+    # (H100, B = 1, T = 32k, forward; kernels/bench/hybrid_attention_bench_superchunk_h100.json) predates the fix.
+    # The GPU commands to run next are in TRITON.md, 'Super-chunks on the GPU'.
     (64, 128): _configs(
         bwd_dkv_window=LaunchConfig(num_warps=4, num_stages=1, block_q=64),
         bwd_dkv_linear=LaunchConfig(num_warps=4, num_stages=1, block_q=64),
@@ -186,23 +185,6 @@ DEFAULT_LAUNCH_CONFIGS: dict[tuple[int, int], dict[str, LaunchConfig]] = {
         state_bwd=LaunchConfig(num_warps=8, num_stages=3, block_f=64, block_d=64),
     ),
 }
-
-# Escape hatch for the GPU tests that hunt the M > 1 state-gradient bug (TRITON.md); never set it for training.
-UNVERIFIED_SUPER_CHUNK_ENV = "LINEARIZE_UNVERIFIED_SUPER_CHUNK_BWD"
-
-
-def _check_super_chunks(super_bwd: int, device: torch.device) -> None:
-    """M > 1 for the state gradients gave wrong dv and dφk on an H100 (bf16, session 4) although it passes every
-    CPU interpreter test: refuse it on CUDA rather than train on wrong gradients. Session 5 traced it to a Triton
-    miscompile of _bwd_dkv_linear_carry_kernel's loop and changed the kernel (TRITON.md); the guard stays until the
-    GPU tests pass with that change."""
-    if super_bwd > 1 and device.type == "cuda" and os.environ.get(UNVERIFIED_SUPER_CHUNK_ENV) != "1":
-        raise ValueError(f"state_bwd super_chunk={super_bwd}: super-chunked state gradients are wrong on the GPU "
-                         "(kernels/hybrid_attention/TRITON.md, 'Super-chunks'); use super_chunk=1 (or None) for "
-                         f"state_bwd (super_chunk > 1 for state_fwd gave right y, dq and dφq on the H100; with state_bwd at 1 "
-                         f"that pairing is tested on the CPU only). Set {UNVERIFIED_SUPER_CHUNK_ENV}=1 "
-                         "only to debug it")
-
 
 _OVERRIDES: contextvars.ContextVar[dict[str, LaunchConfig]] = contextvars.ContextVar("hybrid_launch_overrides",
                                                                                      default={})
@@ -312,7 +294,6 @@ class _Geometry:
         # the state gradients (dφk, dv); M = 1 is the per-tile layout (NT states).
         self.super_fwd = self.configs["state_fwd"].super_chunk or 1
         self.super_bwd = self.configs["state_bwd"].super_chunk or 1
-        _check_super_chunks(self.super_bwd, q.device)
         self.num_states_fwd = triton.cdiv(self.num_tiles, self.super_fwd)
         self.num_states_bwd = triton.cdiv(self.num_tiles, self.super_bwd)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)

@@ -33,9 +33,7 @@ from kernels.hybrid_attention import (
 )
 from kernels.hybrid_attention import triton_api
 from kernels.hybrid_attention.triton_api import (
-    UNVERIFIED_SUPER_CHUNK_ENV,
     LaunchConfig,
-    _check_super_chunks,
     launch_configs,
     load_launch_table,
     resolve_launch_configs,
@@ -561,12 +559,11 @@ def test_gpu_bf16_matches_fp32_reference(batch, heads, num_tokens, head_dim, fea
     # B = 1 at a T whose gradients are checked (the bench checks none at T > 16k): tells a batch-only bug apart.
     pytest.param(1, (9, 3), 2048, 64, 128, "sliding", 4, id="smollm2-shape-B1-T2048-M4"),
 ])
-def test_gpu_bf16_super_chunks_match_fp32_reference(monkeypatch, batch, heads, num_tokens, head_dim, feature_dim,
-                                                    window_kind, super_chunk):
-    """Super-chunks (M > 1, opt-in; the table uses M = 1), compiled, in bf16, with the CUDA guard lifted. Failed on
-    an H100 before session 5 (dv and dφk wrong: a Triton miscompile, see
-    test_compiled_super_chunk_loops_keep_every_carried_value); must pass before the guard goes."""
-    monkeypatch.setenv(UNVERIFIED_SUPER_CHUNK_ENV, "1")
+def test_gpu_bf16_super_chunks_match_fp32_reference(batch, heads, num_tokens, head_dim, feature_dim, window_kind,
+                                                    super_chunk):
+    """Super-chunks (M > 1, opt-in; the table uses M = 1), compiled, in bf16. Failed on an H100 before session 5
+    (dv and dφk wrong: a Triton miscompile, see test_compiled_super_chunk_loops_keep_every_carried_value); passes
+    since (H200, docs/results/gpu_tests_h200_superchunk_session6.log)."""
     _require_compiled()
     row = resolve_launch_configs(head_dim, feature_dim)
     with launch_configs(**{kernel: dataclasses.replace(row[kernel], super_chunk=super_chunk)
@@ -580,11 +577,10 @@ def test_gpu_bf16_super_chunks_match_fp32_reference(monkeypatch, batch, heads, n
     pytest.param(2, (9, 3), 1000, 64, 4, id="smollm2-shape-B2-T1000-M4"),
     pytest.param(2, (8, 2), 2048, 128, 8, id="llama-shape-B2-T2048-M8"),
 ])
-def test_gpu_super_chunk_boundary_states_match_torch(monkeypatch, batch, heads, num_tokens, head_dim, super_chunk):
+def test_gpu_super_chunk_boundary_states_match_torch(batch, heads, num_tokens, head_dim, super_chunk):
     """Compiled, bf16 inputs and states, the table's launch settings with M replaced, window 64 and chunk 64:
     S, z, R, Rz of the super-chunk scans against torch in fp32. Names the stage when the end-to-end
     super-chunk gradients are wrong."""
-    monkeypatch.setenv(UNVERIFIED_SUPER_CHUNK_ENV, "1")
     _require_compiled()
     row = resolve_launch_configs(head_dim, 128)
     configs = {kernel: dataclasses.replace(row[kernel], super_chunk=super_chunk) for kernel in ("state_fwd", "state_bwd")}
@@ -625,16 +621,3 @@ def test_gpu_decode_step_matches_recurrent_step(window_kind):
                                                  window_kind=window_kind)
         assert_close(f"y at {n}", y, y_ref, 1e-2)  # y is rounded to bf16; the math is fp32 in both
         assert_close(f"kv at {n}", state.kv, state_ref.kv, 1e-5)
-
-
-def test_super_chunked_state_gradients_are_refused_on_cuda(monkeypatch):
-    """M > 1 for the state gradients gave wrong dv and dφk on an H100: the host code refuses it on CUDA (the check
-    reads only the device type, so it runs here), allows it on the CPU and for M = 1, and the debug variable
-    lifts it."""
-    monkeypatch.delenv(UNVERIFIED_SUPER_CHUNK_ENV, raising=False)
-    with pytest.raises(ValueError, match="state_bwd super_chunk=4"):
-        _check_super_chunks(4, torch.device("cuda"))
-    _check_super_chunks(1, torch.device("cuda"))
-    _check_super_chunks(4, torch.device("cpu"))
-    monkeypatch.setenv(UNVERIFIED_SUPER_CHUNK_ENV, "1")
-    _check_super_chunks(4, torch.device("cuda"))
