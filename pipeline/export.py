@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -127,7 +128,11 @@ def export_run(run_url: str, out: str | None = None, *, merge: bool | None = Non
         raise ValueError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
     # Built in the storage dtype from the start: at 70B an fp32 copy alone would be 280 GB of host memory.
     # The feature maps and gamma are created fp32 whatever the base dtype (blocks/hybrid_attention.py).
+    # Each step is logged with its time: at 70B the export takes minutes and used to print nothing.
+    started = time.perf_counter()
     stitched = load_stitched(run, dtype=DTYPES[dtype])
+    print(f"export: {stitched.model_config.name} built in {dtype} in {time.perf_counter() - started:.0f} s "
+          f"({torch.get_num_threads()} threads)", flush=True)
     adapter = read_adapter(run)
     if adapter is None:
         logger.warning("%s has no finetune adapter: exporting the stitched model without LoRA",
@@ -148,8 +153,12 @@ def export_run(run_url: str, out: str | None = None, *, merge: bool | None = Non
     local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(path) if local else Path(tmp) / "export"
+        writing = time.perf_counter()
         export_model(model, directory, settings=stitched.settings, layers=stitched.layers, tokenizer=tokenizer,
                      adapter=None if merge else adapter, dtype=DTYPES[dtype], provenance=provenance)
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        print(f"export: wrote {size / 1e9:.1f} GB in {time.perf_counter() - writing:.0f} s "
+              f"({time.perf_counter() - started:.0f} s in all)", flush=True)
         if not local:
             fs.put(str(directory), path, recursive=True)
     return target
