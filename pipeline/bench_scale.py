@@ -186,12 +186,28 @@ def summarize(run_dir: Path) -> dict:
                 "peak_gpu_bytes", "resumed_from_micro_step", "started_at", "ended_at")},
                 "micro_steps": t["micro_steps"]} for t in transfers],
         }
+        out["blocks"]["start_wait_s"] = start_waits(out["blocks"])
     if finetune:
         out["finetune"] = {key: value for key, value in finetune.items() if key != "history"}
         out["finetune"]["steps_run"] = len([h for h in finetune.get("history", []) if "train_loss" in h])
     faults = run_dir / "faults"
     out["faults_fired"] = sorted(p.name for p in faults.iterdir()) if faults.exists() else []
     return out
+
+
+def start_waits(blocks: dict) -> dict:
+    """Seconds each task waited between the moment it could start and the start of its work (a fresh worker
+    process's start and imports, plus scheduling), from the tasks' wall-clock stamps: a collect task from the end
+    of the one before it (the chain), a block from the end of the boundary it reads. {"collect": {boundary: s},
+    "transfer": {block: s}}; tasks without stamps (older JSON, skipped or resumed work) are left out."""
+    collect = sorted((c for c in blocks.get("collect", []) if c.get("started_at") and c.get("ended_at")),
+                     key=lambda c: c["started_at"])
+    ended = {c["boundary"]: c["ended_at"] for c in collect}
+    waits = {"collect": {later["boundary"]: later["started_at"] - earlier["ended_at"]
+                         for earlier, later in zip(collect, collect[1:])},
+             "transfer": {t["block"]: t["started_at"] - ended[t["block"]] for t in blocks.get("transfer", [])
+                          if t.get("started_at") and t["block"] in ended}}
+    return waits
 
 
 def measure_run(args) -> dict:
@@ -282,6 +298,9 @@ def table(result: dict) -> str:
     block_walls = [t["wall_s"] for t in blocks.get("transfer", []) if t.get("wall_s")]
     row("one block's transfer (s, max)", predicted.get("block_s"), max(block_walls) if block_walls else None)
     row("collect + transfer wall (s)", predicted.get("wall_s"), blocks.get("wall_s"))
+    waits = [*(blocks.get("start_wait_s") or {}).get("collect", {}).values(),
+             *(blocks.get("start_wait_s") or {}).get("transfer", {}).values()]
+    row("task start wait (s, max)", predicted.get("block_overhead_s"), max(waits) if waits else None)
     peaks = [t["peak_gpu_bytes"] for t in blocks.get("transfer", []) if t.get("peak_gpu_bytes")]
     row("block GPU memory (GB, max)", (plan.get("per_block_memory_bytes") or 0) / GB or None,
         max(peaks) / GB if peaks else None)

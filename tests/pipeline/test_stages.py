@@ -198,3 +198,21 @@ def test_scale_proof_reruns_transfer_alone_on_a_linked_copy_of_the_cache(referen
     after = load_safetensors_bytes((target / "blocks/B001/final.safetensors").read_bytes())
     for key in before:  # the same cache and seed: the same trained feature maps
         torch.testing.assert_close(after[key], before[key])
+
+
+def test_start_waits_from_the_session6_70b_run():
+    """bench_scale's start waits, on the committed 70B run: each block started 12-15 s after its boundary was
+    written, each collect task 11-13 s after the one before it (docs/results.md, section 8, session 6)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.bench_scale import start_waits, table
+
+    path = Path(__file__).resolve().parents[2] / "docs/results/scale/scale_run_llama3.1-70b_4gpu_session6.json"
+    result = json.loads(path.read_text())
+    waits = start_waits(result["blocks"])
+    assert {block: round(s, 1) for block, s in waits["transfer"].items()} == {0: 12.3, 1: 12.7, 2: 15.0}
+    assert sorted(waits["collect"]) == [1, 2] and all(11 < s < 13 for s in waits["collect"].values())
+    result["blocks"]["start_wait_s"] = waits
+    assert "task start wait (s, max)" in table(result) and "15.0" in table(result)
+    assert start_waits({"collect": [], "transfer": [{"block": 0}]}) == {"collect": {}, "transfer": {}}
