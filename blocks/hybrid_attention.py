@@ -19,7 +19,9 @@ Shapes: hidden (B, T, C); q (B, Hq, T, D); k, v (B, Hkv, T, D); features (B, Hq,
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +44,32 @@ MODES = ("student", "transfer", "teacher")
 IMPLEMENTATIONS = ("auto", "quadratic", "chunked", "blocked", "triton")
 
 
-def _triton_available() -> bool:
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why the Triton kernels cannot be imported here, or None when they can (checked once per process)."""
     try:
         import kernels.hybrid_attention.triton_api  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _triton_available() -> bool:
+    return triton_import_error() is None
+
+
+def resolve_implementation(implementation: str, on_cuda: bool) -> str:
+    """The path `implementation` runs on this device: 'auto' is Triton on a GPU that can import the kernels and the
+    chunk-vectorised torch path ('blocked', O(T * w) instead of O(T^2)) elsewhere. A GPU that falls back says so
+    (once): the torch path is several times slower there, and a silent fallback looks like a slow machine."""
+    if implementation != "auto":
+        return implementation
+    if on_cuda:
+        if _triton_available():
+            return "triton"
+        warnings.warn(f"the Triton hybrid-attention kernels cannot be imported ({triton_import_error()}); the GPU "
+                      "runs the slower torch 'blocked' path", RuntimeWarning, stacklevel=3)
+    return "blocked"
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -158,10 +180,7 @@ class HybridAttention(nn.Module):
 
     def hybrid(self, q, k, v) -> torch.Tensor:
         q_feat, k_feat = self.features(q, k)
-        impl = self.implementation
-        if impl == "auto":
-            # Triton on GPU; elsewhere the chunk-vectorised torch path, O(T * w) instead of O(T^2).
-            impl = "triton" if q.is_cuda and _triton_available() else "blocked"
+        impl = resolve_implementation(self.implementation, q.is_cuda)
         fn = {"quadratic": quadratic_hybrid_attention, "chunked": chunked_hybrid_attention,
               "blocked": blocked_hybrid_attention}.get(impl)
         if fn is None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from blocks.convert import hybrid_modules, set_attention_mode
+from blocks.hybrid_attention import resolve_implementation
 
 from .stages import read_run_config
 
@@ -152,6 +153,13 @@ def linear_mass_by_layer(model, sequences: torch.Tensor, batch_size: int = 1, de
 
 # --------------------------------------------------------------------------------------------------
 # `linearize eval`: the models, the measurements, the gate
+
+
+def hybrid_paths(model: torch.nn.Module, on_cuda: bool) -> list[str]:
+    """The implementations the model's hybrid layers run on this device (resolve_implementation), sorted; [] for a
+    model without this project's hybrid layers (the baselines; an exported directory runs its own torch copy)."""
+    return sorted({resolve_implementation(module.implementation, on_cuda)
+                   for module in hybrid_modules(model).values()})
 
 
 @dataclass
@@ -468,6 +476,8 @@ def evaluate(source: str, settings, *, seq_len: int, num_sequences: int, device:
     for candidate in candidates:
         measured = _measure(candidate, tokenizer, sequences, settings, device, items_file, log)
         measured["hybrid"] = candidate.hybrid
+        # Which attention path the converted layers ran (a GPU without importable Triton kernels falls back to torch).
+        measured["hybrid_paths"] = hybrid_paths(candidate.model, str(device).startswith("cuda"))
         results["models"][candidate.name] = measured
         log(f"{candidate.name}: perplexity {measured['held_out']['perplexity']:.3f} ({measured['seconds']} s)")
         if on_model is not None:

@@ -195,6 +195,23 @@ def test_sliding_window_sinks_baseline_swap_and_restore():
     torch.testing.assert_close(back, original(ids).logits)
 
 
+def test_auto_implementation_resolves_by_device_and_warns_when_a_gpu_falls_back(monkeypatch):
+    """'auto' is Triton on a GPU and the torch 'blocked' path elsewhere; a GPU that cannot import the kernels
+    falls back with a warning that names the import error (a silent fallback looked like a slow machine)."""
+    import warnings
+
+    from blocks import hybrid_attention
+
+    assert hybrid_attention.resolve_implementation("auto", on_cuda=False) == "blocked"
+    assert hybrid_attention.resolve_implementation("quadratic", on_cuda=True) == "quadratic"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # importable kernels: no warning
+        assert hybrid_attention.resolve_implementation("auto", on_cuda=True) == "triton"
+    monkeypatch.setattr(hybrid_attention, "triton_import_error", lambda: "ImportError: no module named 'triton'")
+    with pytest.warns(RuntimeWarning, match="cannot be imported.*no module named 'triton'.*'blocked' path"):
+        assert hybrid_attention.resolve_implementation("auto", on_cuda=True) == "blocked"
+
+
 def test_kernels_package_does_not_look_like_the_hub_kernels_package():
     """transformers probes for an optional package named `kernels`; ours must not switch that on."""
     import subprocess

@@ -116,6 +116,8 @@ def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
     assert swa["by_position"]["0-64"] == pytest.approx(teacher["by_position"]["0-64"], rel=1e-5)
     assert swa["by_position"]["64-128"] != pytest.approx(teacher["by_position"]["64-128"], rel=1e-3)
     assert set(results["models"]["stage1"]["linear_mass"]) == {"0", "1"}
+    # The attention path each model ran: the converted layers' torch path on CPU; nothing for the baselines.
+    assert [results["models"][k]["hybrid_paths"] for k in results["models"]] == [[], [], ["blocked"]]
     assert results["gate"]["model"] == "stage1" and results["gate"]["checks"] and results["gate"]["passed"] is False
     assert (tmp_path / "out" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
