@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from blocks.convert import AttentionSettings, convert_model, hybrid_modules
 from pipeline.config import ConfigError, EvalConfig, resolve_run_config
 from pipeline.evaluate import (add_arguments, combine, combine_main, evaluate, evaluate_run, gate,
-                               linear_mass_by_layer, main as eval_main, report)
+                               linear_mass_by_layer, main as eval_main, perplexity, report)
 from pipeline.rundir import RunDir
 from tests.conftest import tiny_llama_config
 from tests.pipeline.tiny_run import make_model_dir, make_tiny_run
@@ -206,3 +206,21 @@ def test_the_eval_stage_skips_random_weight_models(tmp_path):
     out = evaluate_run(run.url, device="cpu")
     assert "random weights" in out["skipped"]
     assert json.loads(run.read_text("eval/results.json")) == out
+
+
+def test_perplexity_warm_up_is_untimed_and_changes_nothing():
+    """On a GPU the first and last batch shapes run once before the timed pass (their first calls compile the
+    Triton kernels); the NLL is the same, and the timed pass still sees each batch exactly once."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
+    sequences = torch.randint(0, model.config.vocab_size, (5, 24))
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    cold = perplexity(model, sequences, batch_size=2, device="cpu")  # default off the GPU: no warm-up
+    assert calls == [2, 2, 1]
+    calls.clear()
+    warm = perplexity(model, sequences, batch_size=2, warm_up=True)
+    assert calls == [2, 1, 2, 2, 1]  # the first (2 rows) and last (1 row) shapes, then the timed pass
+    hook.remove()
+    assert warm.nll_sum == pytest.approx(cold.nll_sum, rel=1e-6) and warm.num_tokens == cold.num_tokens == 5 * 23
