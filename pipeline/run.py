@@ -43,7 +43,7 @@ from .config import ConfigError, RunConfig, load_run_config, parse_bytes, run_co
 from .rundir import RunDir
 from .stages import (FAULT_ENV, RESULT, SPLITS, STITCHED_META, STITCHED_WEIGHTS, TRANSFER_MSE_JSON,
                      TRANSFER_MSE_PNG, collect_boundary, load_context, parse_faults, read_run_config, split_rows,
-                     stitch, transfer_block, write_tokens)
+                     stitch, transfer_block, warm_up_kernels, write_tokens)
 
 DEFAULT_RUNS_DIR = "runs"
 STAGE_TIMES_JSON = "stage_times.json"
@@ -129,7 +129,7 @@ class Driver:
     # ---- collect + transfer ---------------------------------------------------------------------
     def blocks(self) -> None:
         from cluster import blocks as ray_blocks
-        from cluster.connect import connect
+        from cluster.connect import cluster_resources, connect
 
         run, config = self.run, self.config
         ctx = load_context(run)
@@ -155,10 +155,16 @@ class Driver:
         summary = {"collect": [], "transfer": []}
         started = time.perf_counter()
         collect_s = transfer_started = None
+        if needs_kernel_warm_up(cluster_resources()["gpus"] if spec.use_gpu else 0, with_transfer,
+                                [complete(b) for b in range(num_blocks)], [trained(b) for b in range(num_blocks)]):
+            # Compile the kernels once into the node's cache while collect works, so blocks do not each compile
+            # them side by side (warm_up_kernels says what that cost); blocks are submitted after it.
+            running[ray_blocks.submit(warm_up_kernels, common, spec, name="warm-up", max_retries=0)] = ("warm_up", -1)
         try:
             while True:
                 ready = [complete(b) for b in range(num_blocks)]
                 busy = {(kind, b) for kind, b in running.values()}
+                warming = ("warm_up", -1) in busy
                 if all(ready) and not run.is_done("collect"):
                     collect_s = time.perf_counter() - started
                     run.mark("collect", "done")
@@ -170,7 +176,7 @@ class Driver:
                                                 name=f"collect-L{ctx.boundary_layer(b):03d}")
                         running[ref] = ("collect", b)
                 for b in range(num_blocks):
-                    if with_transfer and ready[b] and ("transfer", b) not in busy and not trained(b):
+                    if with_transfer and ready[b] and ("transfer", b) not in busy and not trained(b) and not warming:
                         ref = ray_blocks.submit(transfer_block, {**common, "block": b}, spec, name=f"transfer-B{b:03d}")
                         running[ref] = ("transfer", b)
                         if transfer_started is None:
@@ -180,6 +186,9 @@ class Driver:
                     break
                 for ref in ray_blocks.wait_any(list(running)):
                     kind, _ = running.pop(ref)
+                    if kind == "warm_up":
+                        summary["warm_up"] = self._warm_up_result(ref)
+                        continue
                     out = ray_blocks.result(ref)
                     if out["status"] == "corrupt":
                         self._regenerate(out, caches, regenerations)
@@ -215,6 +224,21 @@ class Driver:
             return
         log(f"corrupt cache shard {shard} of layer {layer} ({split}): {out['reason']}; regenerating it")
         caches[split].invalidate(layer, [shard])
+
+    @staticmethod
+    def _warm_up_result(ref) -> dict:
+        """The warm-up's result; its failure costs only the speed it was for, so it is logged, not raised."""
+        from cluster import blocks as ray_blocks
+
+        try:
+            out = ray_blocks.result(ref)
+        except Exception as error:  # RayTaskError or a crashed worker: the blocks compile for themselves
+            log(f"kernel warm-up failed ({type(error).__name__}: {str(error).strip().splitlines()[-1]}); "
+                "each block compiles its own kernels")
+            return {"status": "failed", "error": f"{type(error).__name__}"}
+        log(f"kernel warm-up (layer {out['layer']}, batch {out['batch_shapes']}): {out['seconds']:.1f} s, "
+            f"{out['build_s']:.1f} s of it building the layer")
+        return out
 
     @staticmethod
     def _report(kind: str, out: dict) -> None:
@@ -265,6 +289,15 @@ LATER_STAGES: list[tuple[str, str, str]] = [
     ("export", "pipeline.export", "export_run"),
     ("eval", "pipeline.evaluate", "evaluate_run"),
 ]
+
+
+def needs_kernel_warm_up(gpus: int, with_transfer: bool, ready: list[bool], trained: list[bool]) -> bool:
+    """Whether stage 1 first compiles its kernels in one task: on two or more GPUs (Triton JIT; the CPU path
+    compiles nothing, and on one GPU the blocks run one after another, so only the first compiles), with at least
+    two blocks left to train, and only while collect still has boundaries to make, so the warm-up overlaps work
+    the blocks wait for anyway. A run resumed after collect (all its blocks ready at once) skips it: there it
+    would only delay the blocks."""
+    return gpus >= 2 and with_transfer and not all(ready) and sum(not done for done in trained) >= 2
 
 
 def pipeline_stages() -> list[tuple[str, Callable[[Driver], None]]]:

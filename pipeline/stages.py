@@ -489,6 +489,19 @@ def _eval_record(block: int, trainer: BlockTrainer, result: dict) -> dict:
             "lr": trainer.optimizer.param_groups[0]["lr"]}
 
 
+def _block_trainer(config: RunConfig, start: int, end: int, converted: list[int], dtype: torch.dtype,
+                   device: str) -> BlockTrainer:
+    """Layers [start, end) with `converted` turned hybrid, and the trainer of their feature maps."""
+    from .models import load_layer_stack
+
+    settings = config.transfer
+    stack = load_layer_stack(config.model, start, end, dtype=dtype, device=device)
+    convert_layers(stack.layers, stack.config, attention_settings(config), [i - start for i in converted])
+    return BlockTrainer(stack, TransferSettings(lr=settings.lr, grad_accum=settings.grad_accum,
+                                                grad_clip=settings.grad_clip, mse_scale=settings.mse_scale,
+                                                patience=settings.patience))
+
+
 def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: int | None = None,
                    faults: str | None = None, progress: Callable | None = None) -> dict:
     """Stage 1 for block `block`: train its layers' φ and γ on boundary `block` (one epoch of the train split),
@@ -496,8 +509,6 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
     with early stopping and a checkpoint every transfer.checkpoint_every optimizer steps; resumes from the
     checkpoint. Writes final.safetensors (best φ, γ) and result.json. Returns result.json's contents, or
     {"status": "corrupt", ...} if a boundary shard failed verification."""
-    from .models import load_layer_stack
-
     started, started_at = time.perf_counter(), time.time()
     dtype = _setup_worker(device, threads)
     ctx = load_context(run_url)
@@ -521,11 +532,7 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
             run.remove(f"{folder}/{name}")
 
     seq_len, batch = config.data.seq_len, settings.micro_batch_size
-    stack = load_layer_stack(config.model, start, end, dtype=dtype, device=device)
-    convert_layers(stack.layers, stack.config, attention_settings(config), [i - start for i in converted])
-    trainer = BlockTrainer(stack, TransferSettings(lr=settings.lr, grad_accum=settings.grad_accum,
-                                                   grad_clip=settings.grad_clip, mse_scale=settings.mse_scale,
-                                                   patience=settings.patience))
+    trainer = _block_trainer(config, start, end, converted, dtype, device)
     try:
         validation = [(h.clone(), p.clone()) for h, p, _ in
                       BoundaryCache(run, "validation").reader(start).iter_rows(batch_size=batch)]
@@ -622,6 +629,41 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
     })
     run.write_json(f"{folder}/{RESULT}", result)  # last: the block is done
     return result
+
+
+def warm_up_kernels(run_url: str, *, device: str = "cpu", threads: int | None = None, faults: str | None = None,
+                    progress: Callable | None = None) -> dict:
+    """One converted layer's evaluation pass and training micro-step at the run's shapes, on random hidden states:
+    the first calls compile the Triton kernels for those shapes into the node's on-disk cache. Blocks that start
+    after it load the compiled kernels instead of each compiling them (session 6, 4 x H200, cold machine: blocks'
+    first micro-steps took 39-123 s, the first evaluations up to 71 s; the steady micro-step was 0.48 s).
+    `faults` and `progress` are accepted for the task interface and unused."""
+    started, started_at = time.perf_counter(), time.time()
+    dtype = _setup_worker(device, threads)
+    ctx = load_context(run_url)
+    config, batch = ctx.config, ctx.config.transfer.micro_batch_size
+    if not ctx.converted_layers:
+        return {"status": "ok", "layer": None, "batch_shapes": [], "build_s": 0.0, "seconds": 0.0,
+                "started_at": started_at, "ended_at": time.time()}
+    layer = ctx.converted_layers[0]
+    trainer = _block_trainer(config, layer, layer + 1, [layer], dtype, device)
+    built_s = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(0)
+    # Both splits come in batches of the micro-batch; only a short last batch of either has another shape (and
+    # the kernels specialise on it).
+    evaluated = {batch, ctx.rows("validation") % batch or batch}
+    trained = {batch, ctx.rows("train") % batch or batch}
+    shapes = sorted(evaluated | trained)
+    for rows in shapes:
+        hidden = torch.randn(rows, config.data.seq_len, trainer.stack.config.hidden_size, generator=generator)
+        positions = torch.arange(config.data.seq_len).repeat(rows, 1)
+        hidden, positions = hidden.to(device=device, dtype=dtype), positions.to(device)
+        if rows in evaluated:
+            trainer.evaluate([(hidden, positions)])
+        if rows in trained:
+            trainer.train_micro_batch(hidden, positions)
+    return {"status": "ok", "layer": layer, "batch_shapes": shapes, "build_s": built_s,
+            "seconds": time.perf_counter() - started, "started_at": started_at, "ended_at": time.time()}
 
 
 # --------------------------------------------------------------------------------------------------

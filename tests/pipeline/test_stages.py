@@ -2,9 +2,11 @@
 boundaries against the whole teacher model, per-block transfer results and metrics, stitch (and its contract
 with stage 2), a rerun that does nothing, and collect rewriting exactly the missing and corrupt shards."""
 
+import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +218,55 @@ def test_start_waits_from_the_session6_70b_run():
     result["blocks"]["start_wait_s"] = waits
     assert "task start wait (s, max)" in table(result) and "15.0" in table(result)
     assert start_waits({"collect": [], "transfer": [{"block": 0}]}) == {"collect": {}, "transfer": {}}
+
+
+@pytest.mark.parametrize("gpus, with_transfer, ready, trained, expected", [
+    (4, True, [True, False, False], [False, False, False], True),    # collect under way, blocks to train
+    (0, True, [True, False, False], [False, False, False], False),   # CPU: the torch path compiles nothing
+    (1, True, [True, False, False], [False, False, False], False),   # one GPU: blocks in turn, the first compiles
+    (4, True, [True, True, True], [False, False, False], False),     # resumed after collect: only a delay
+    (4, False, [False, False, False], [False, False, False], False),  # --until collect
+    (4, True, [True, False, False], [True, True, False], False),     # one block left: it compiles its own
+])
+def test_kernel_warm_up_only_where_it_overlaps_collect(gpus, with_transfer, ready, trained, expected):
+    from pipeline.run import needs_kernel_warm_up
+
+    assert needs_kernel_warm_up(gpus, with_transfer, ready, trained) is expected
+
+
+def test_kernel_warm_up_runs_before_every_block(ray_local, tiny_config, tmp_path, monkeypatch):
+    """The driver's warm-up wiring, forced on the CPU (it runs there only in this test): one task runs a
+    converted layer's evaluation and micro-step at the run's shapes, and no block is submitted before the driver
+    has its result. The driver is made to see the warm-up finish only 8 s after submitting it, later than the
+    first boundary is ready, so blocks that did not wait for it would be submitted before."""
+    from cluster import blocks as ray_blocks
+    from pipeline import run as run_module
+
+    events, submitted = [], {}
+    submit, wait_any = ray_blocks.submit, ray_blocks.wait_any
+
+    def recording_submit(fn, kwargs, spec, name, **options):
+        ref = submit(fn, kwargs, spec, name, **options)
+        submitted[ref] = (name, time.monotonic())
+        events.append(f"submit {name}")
+        return ref
+
+    def late_warm_up(refs, timeout=None):
+        while True:
+            done = [ref for ref in wait_any(refs, timeout) if
+                    submitted[ref][0] != "warm-up" or time.monotonic() - submitted[ref][1] > 8]
+            if done:
+                events.extend(f"done {submitted[ref][0]}" for ref in done)
+                return done
+            time.sleep(0.2)
+
+    monkeypatch.setattr(run_module, "needs_kernel_warm_up", lambda *args: True)
+    monkeypatch.setattr(ray_blocks, "submit", recording_submit)
+    monkeypatch.setattr(ray_blocks, "wait_any", late_warm_up)
+    run = run_pipeline(tiny_config, str(tmp_path / "run"), until="transfer", shard_bytes=SHARD_BYTES)
+    summary = json.loads((Path(run.url) / "blocks" / "summary.json").read_text())
+    warm = summary["warm_up"]
+    assert warm["status"] == "ok" and warm["layer"] == 0 and warm["batch_shapes"] and warm["seconds"] > 0
+    assert events[0] == "submit warm-up" and "done collect-L000" in events
+    transfers = [i for i, event in enumerate(events) if event.startswith("submit transfer")]
+    assert len(transfers) == 2 and min(transfers) > events.index("done warm-up")
