@@ -187,6 +187,7 @@ def summarize(run_dir: Path) -> dict:
                 "micro_steps": t["micro_steps"]} for t in transfers],
         }
         out["blocks"]["start_wait_s"] = start_waits(out["blocks"])
+        out["blocks"]["warm_up"] = blocks.get("warm_up")  # the kernel warm-up task, where the run had one
     if finetune:
         out["finetune"] = {key: value for key, value in finetune.items() if key != "history"}
         out["finetune"]["steps_run"] = len([h for h in finetune.get("history", []) if "train_loss" in h])

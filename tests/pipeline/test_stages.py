@@ -270,3 +270,6 @@ def test_kernel_warm_up_runs_before_every_block(ray_local, tiny_config, tmp_path
     assert events[0] == "submit warm-up" and "done collect-L000" in events
     transfers = [i for i, event in enumerate(events) if event.startswith("submit transfer")]
     assert len(transfers) == 2 and min(transfers) > events.index("done warm-up")
+    from pipeline.bench_scale import summarize  # the scale proof's JSON carries it
+
+    assert summarize(Path(run.url))["blocks"]["warm_up"] == warm
