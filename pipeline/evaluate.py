@@ -71,7 +71,9 @@ def perplexity(model, sequences: torch.Tensor, batch_size: int = 1, buckets=DEFA
     forward (session 5: 32 s for 131k tokens, against 3.7 s warm), so the reported throughput measured the JIT."""
     result = PerplexityResult(buckets={b: [0.0, 0] for b in buckets})
     model.eval()
-    if warm_up if warm_up is not None else torch.device(device).type == "cuda":
+    if warm_up is None:
+        warm_up = torch.device(device).type == "cuda"
+    if warm_up:
         last = (len(sequences) - 1) // batch_size * batch_size
         for start in sorted({0, last}):
             model(input_ids=sequences[start:start + batch_size].to(device), use_cache=False)
@@ -608,8 +610,8 @@ MEASURED_SETTINGS = ("swa_window", "swa_sinks", "tasks", "task_limit", "mmlu_lim
 def combine(baselines: dict, runs: list[tuple[str, dict]], gate_model: str | None = None) -> dict:
     """One results dict from several `linearize eval` outputs: the baselines (teacher, SWA+sinks) of
     `baselines` and the converted models of each (label, results), named "<label> <model>", with the gate
-    recomputed for `gate_model` (default: the last one). Refuses evaluations made on other held-out data, settings or devices: they
-    would not be comparable."""
+    recomputed for `gate_model` (default: the last one). Refuses evaluations made on other held-out data,
+    settings or devices: they would not be comparable."""
     from .config import EvalConfig
 
     def signature(results: dict) -> tuple:
