@@ -150,21 +150,24 @@ def make_inputs(batch: int, shape: dict, num_tokens: int, seed: int = 0) -> dict
 
 @contextlib.contextmanager
 def recording():
-    """Wrap JITFunction.run so every launch is recorded (kernel, args, kwargs, grid) and still runs."""
+    """Wrap JITFunction.run so every launch is recorded (kernel, args, kwargs, grid) and still runs (with
+    triton_api's direct launch of already-compiled kernels off, which would bypass JITFunction.run)."""
     from triton.runtime.jit import JITFunction
 
+    from kernels.hybrid_attention import triton_api
+
     launches = []
-    original = JITFunction.run
+    original, fast_launch = JITFunction.run, triton_api.FAST_LAUNCH
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs, grid))
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    JITFunction.run = record
+    JITFunction.run, triton_api.FAST_LAUNCH = record, False
     try:
         yield launches
     finally:
-        JITFunction.run = original
+        JITFunction.run, triton_api.FAST_LAUNCH = original, fast_launch
 
 
 def kernel_name(launch) -> str:
@@ -177,8 +180,8 @@ def kernel_name(launch) -> str:
 
 def run_pipeline(inputs: dict, window_kind: str, overrides: dict) -> tuple[dict, dict]:
     """Forward + backward host functions under `overrides`. Returns the outputs and, per kernel name,
-    its recorded launches, the first of each kernel function (the forward's state scan runs again in the
-    backward; both are the same work)."""
+    its recorded launches, the first of each kernel function and mode (the forward's state scan runs again in
+    the backward; both are the same work)."""
     names = ("q", "k", "v", "q_feat", "k_feat", "gamma")
     q, k, v, q_feat, k_feat, gamma = (inputs[n] for n in names)
     with recording() as launches, launch_configs(**overrides):
@@ -187,7 +190,8 @@ def run_pipeline(inputs: dict, window_kind: str, overrides: dict) -> tuple[dict,
         grads = hybrid_attention_bwd(inputs["dy"], q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom, geo)
     by_kernel, seen = {}, set()
     for launch in launches:
-        key = (launch[0].__name__, launch[2].get("REVERSE"))
+        # A segmented scan launches its kernel twice (segment sums, then the tiles): both are kept.
+        key = (launch[0].__name__, launch[2].get("REVERSE"), launch[2].get("STORE_TILES"))
         if key not in seen:
             seen.add(key)
             by_kernel.setdefault(kernel_name(launch), []).append(launch)

@@ -26,6 +26,7 @@ import contextvars
 import dataclasses
 import json
 import math
+import os
 
 import torch
 import triton
@@ -78,6 +79,11 @@ MAX_SUPER_CHUNK = 64  # query tiles per program of the state-carrying kernels (a
 # The prefix over super-chunk sums: PREFIX_ROWS sums per step (one tl.cumsum), PREFIX_COLUMNS elements of the
 # flattened F × D state per program (8 × 512 fp32: 32 registers a thread at 4 warps).
 PREFIX_ROWS, PREFIX_COLUMNS = 8, 512
+# The per-tile (M = 1) scans are sequential over tiles, one program per (b, h, F × D block): 18 programs at
+# B = 1, T = 32k and SmolLM2's 9 heads, 0.5 ms on an H100 for 512 tiles. When those programs do not fill the
+# GPU, the tiles are cut into segments: about SCAN_PROGRAMS_PER_SM programs per multiprocessor, and segments
+# of at least MIN_SCAN_TILES tiles (the segment sums and their prefix are extra passes).
+SCAN_PROGRAMS_PER_SM, MIN_SCAN_TILES = 2, 8
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -98,7 +104,11 @@ class LaunchConfig:
     super_chunk: M, read from state_fwd and state_bwd only: query tiles per program of the kernels that
         carry the state in registers (state_fwd's M: the forward and bwd_dq_linear, which read S; state_bwd's
         M: bwd_dkv_linear, which reads the state gradients), so states are stored every M tiles; None = 1
-        (one stored state per tile, one sequential scan kernel: the design before super-chunks).
+        (one stored state per tile, the design before super-chunks).
+    scan_tiles: state_fwd and state_bwd at M = 1 only: tiles per program of the per-tile scans, which run in
+        segments of that many tiles (segment sums, then each segment from the sum of the others'); None =
+        automatic: one segment when the (b, h, F × D block) programs fill the GPU, else enough segments to fill
+        it (SCAN_PROGRAMS_PER_SM programs per multiprocessor, segments of at least MIN_SCAN_TILES tiles).
     Tiles larger than the dimension they cut are clamped to it at launch.
     """
 
@@ -108,6 +118,7 @@ class LaunchConfig:
     block_f: int | None = None
     block_d: int | None = None
     super_chunk: int | None = None
+    scan_tiles: int | None = None
 
     def __post_init__(self):
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -121,6 +132,9 @@ class LaunchConfig:
         if self.super_chunk is not None and (isinstance(self.super_chunk, bool) or not isinstance(self.super_chunk, int)
                                              or not 1 <= self.super_chunk <= MAX_SUPER_CHUNK):
             raise ValueError(f"super_chunk must be None or an int in [1, {MAX_SUPER_CHUNK}], got {self.super_chunk!r}")
+        if self.scan_tiles is not None and (isinstance(self.scan_tiles, bool) or not isinstance(self.scan_tiles, int)
+                                            or self.scan_tiles < 1):
+            raise ValueError(f"scan_tiles must be None or an int >= 1, got {self.scan_tiles!r}")
 
     def as_dict(self) -> dict:
         """The fields that are set (JSON form; LaunchConfig(**d) reads it back)."""
@@ -240,7 +254,91 @@ def load_launch_table(source) -> dict[tuple[int, int], dict[str, LaunchConfig]]:
         row = DEFAULT_LAUNCH_CONFIGS.get((head_block, feature_block), FALLBACK_LAUNCH_CONFIGS)
         applied[(head_block, feature_block)] = {**row, **{k: LaunchConfig(**v) for k, v in kernels.items()}}
     DEFAULT_LAUNCH_CONFIGS.update(applied)
+    _GEOMETRIES.clear()  # they hold the settings of the old rows
     return applied
+
+
+# ----------------------------------------------------------------------------------------------
+# Launching
+# ----------------------------------------------------------------------------------------------
+
+# `kernel[grid](...)` re-derives every argument's specialisation and the cache key on each call: about 60 µs
+# of host time per launch (H100 machine, Triton 3.6), with 9 launches per forward+backward, while the GPU
+# work of a SmolLM2-shaped layer at B = 16, T = 2048 is 1.0 ms; the host was the bottleneck (host 1.5 ms:
+# `python -m kernels.bench.hybrid_attention_profile`). `_launch` remembers the compiled kernel of each exact
+# argument signature (every int and float, each tensor's dtype, device and 16-byte alignment, the constexprs
+# and launch options: at least as specific as Triton's own key) and launches it directly afterwards.
+# LINEARIZE_TRITON_FAST_LAUNCH=0 goes through kernel[grid](...) every time.
+FAST_LAUNCH = not INTERPRET and os.environ.get("LINEARIZE_TRITON_FAST_LAUNCH", "1") != "0"
+_COMPILED: dict = {}
+_COMPILED_LIMIT = 4096  # signatures kept (each distinct sequence length adds some); cleared when reached
+_SIGNATURES: dict = {}
+
+
+def _constexpr_signature(kernel) -> tuple[int, tuple]:
+    """(number of runtime parameters, ((name, default), ...) of the constexpr parameters) of a @triton.jit
+    kernel. A compiled kernel takes every parameter positionally, in order, the constexprs included; the
+    kernels here declare their constexprs last."""
+    signature = _SIGNATURES.get(id(kernel))  # id: a JITFunction's own hash recomputes its source key
+    if signature is None:
+        params = kernel.params
+        num_runtime = sum(not p.is_constexpr for p in params)
+        if any(p.is_constexpr for p in params[:num_runtime]):
+            raise TypeError(f"{kernel.__name__}: constexpr parameters must come after the runtime ones")
+        signature = _SIGNATURES[id(kernel)] = (num_runtime, tuple((p.name, p.default) for p in params[num_runtime:]))
+    return signature
+
+
+_TENSOR_ARGS: dict = {}
+
+
+def _leading_tensors(kernel, args: tuple) -> int:
+    """How many leading arguments of `kernel` are tensors (the kernels here take their pointers first and
+    scalars after); -1 when a tensor follows a scalar (then _launch always goes through kernel[grid])."""
+    count = _TENSOR_ARGS.get(id(kernel))
+    if count is None:
+        is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        count = is_tensor.index(False) if False in is_tensor else len(args)
+        _TENSOR_ARGS[id(kernel)] = count = count if not any(is_tensor[count:]) else -1
+    return count
+
+
+def _signature_key(kernel, args: tuple, constexpr_values: tuple, num_warps: int, num_stages: int):
+    """What a compiled kernel depends on: the exact scalars, the tensors' dtypes and device, the constexprs and
+    launch options; None (do not reuse) unless every tensor is 16-byte aligned, the case Triton specialises
+    for and the only one cached (torch's allocations are)."""
+    count = _leading_tensors(kernel, args)
+    if count <= 0:
+        return None
+    tensors = args[:count]
+    pointers = 0
+    for t in tensors:
+        pointers |= t.data_ptr()
+    if pointers & 15:
+        return None
+    return (id(kernel), num_warps, num_stages, constexpr_values, args[count:], tensors[0].device,
+            *[t.dtype for t in tensors])
+
+
+def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) -> None:
+    """kernel[grid](*args, num_warps=..., num_stages=..., **constexprs), with the compiled kernel reused."""
+    if not FAST_LAUNCH:
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return
+    num_runtime, constexpr_params = _constexpr_signature(kernel)
+    if len(args) != num_runtime:
+        raise TypeError(f"{kernel.__name__} takes {num_runtime} runtime arguments, got {len(args)}")
+    values = tuple(constexprs[name] if name in constexprs else default for name, default in constexpr_params)
+    key = _signature_key(kernel, args, values, num_warps, num_stages)
+    compiled = _COMPILED.get(key) if key is not None else None
+    if compiled is not None:
+        compiled[(*grid, 1, 1)[:3]](*args, *values)  # the compiled kernel's launcher wants three grid sizes
+        return
+    compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    if compiled is not None and key is not None:
+        if len(_COMPILED) >= _COMPILED_LIMIT:
+            _COMPILED.clear()
+        _COMPILED[key] = compiled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,25 +346,50 @@ def load_launch_table(source) -> dict[tuple[int, int], dict[str, LaunchConfig]]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints. (triton.cdiv is a constexpr function: about 8 µs a call on the host.)"""
+    return -(-a // b)
+
+
 def _block(n: int) -> int:
     """Power-of-two block >= n and >= 16 (tl.dot needs 16)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, token) strides of a (B, H, T, X) tensor whose last dim is contiguous."""
-    assert t.stride(-1) == 1 or t.shape[-1] == 1, "callers make the last dim contiguous"
-    return t.stride(0), t.stride(1), t.stride(2)
+    strides = t.stride()  # one call: this runs ~30 times per forward+backward, on the host's critical path
+    assert strides[-1] == 1 or t.shape[-1] == 1, "callers make the last dim contiguous"
+    return strides[:3]
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """t with a contiguous last dim and (B, H, T, X) token offsets that fit the kernels' int32 math."""
-    if t.stride(-1) != 1 or (t.dim() == 4 and (t.shape[2] + 128) * t.stride(2) >= 2**31):
+def _unit_last(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t (cast to dtype) with a contiguous last dim and (B, H, T, X) token offsets that fit the kernels' int32
+    math. Free when nothing changes (the usual case; checked without calling torch, on the host's critical path)."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    strides = t.stride()
+    if strides[-1] != 1 or (len(strides) == 4 and (t.shape[2] + 128) * strides[2] >= 2**31):
         t = t.contiguous()
-    if t.dim() == 4 and (t.shape[2] + 128) * t.stride(2) >= 2**31:
+        strides = t.stride()
+    if len(strides) == 4 and (t.shape[2] + 128) * strides[2] >= 2**31:
         raise ValueError(f"a tensor of shape {tuple(t.shape)} has more than 2^31 elements per (batch, head); "
                          f"split the sequence")
     return t
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached); 1 on the CPU (interpreter), where scans stay unsegmented
+    unless scan_tiles asks for segments."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -285,7 +408,7 @@ class _Geometry:
         self.feature_dim = q_feat.shape[-1]
         self.window_size, self.terrace = window_size, window_kind == "terrace"
         self.chunk_size = chunk_size
-        self.num_tiles = triton.cdiv(self.num_tokens, chunk_size)
+        self.num_tiles = _cdiv(self.num_tokens, chunk_size)
         self.key_span = key_span(self.num_tiles, chunk_size, window_size, self.terrace)
         self.block_d, self.block_f = _block(self.head_dim), _block(self.feature_dim)
         # Launch settings per kernel, fixed here so that the backward uses those of its forward.
@@ -294,12 +417,13 @@ class _Geometry:
         # the state gradients (dφk, dv); M = 1 is the per-tile layout (NT states).
         self.super_fwd = self.configs["state_fwd"].super_chunk or 1
         self.super_bwd = self.configs["state_bwd"].super_chunk or 1
-        self.num_states_fwd = triton.cdiv(self.num_tiles, self.super_fwd)
-        self.num_states_bwd = triton.cdiv(self.num_tiles, self.super_bwd)
+        self.num_states_fwd = _cdiv(self.num_tiles, self.super_fwd)
+        self.num_states_bwd = _cdiv(self.num_tiles, self.super_bwd)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
         self.qk_scale = self.sm_scale * LOG2E
         self.upcast = INTERPRET
         self.precision = _precision(q.dtype)
+        self.sm_count = _sm_count(q.device)
         # Dtype of the stored states S, R and of their tl.dot operands (see triton_chunk.py).
         bf16_states = q.dtype == torch.bfloat16 and not INTERPRET
         self.state_dot = tl.bfloat16 if bf16_states else tl.float32
@@ -331,17 +455,49 @@ class _Geometry:
     def dims(self) -> tuple:
         return (self.num_tokens, self.num_tiles, self.num_q_heads, self.group, self.head_dim, self.feature_dim)
 
-    def state_grid(self, kernel: str) -> tuple[int, int, int]:
-        """Grid of the sequential per-tile scans (M = 1): one program per F × D block and (b, h)."""
+    def scan_segments(self, kernel: str) -> tuple[int, int]:
+        """(SCAN, NSEG) of a per-tile scan (M = 1; state_fwd or state_bwd): tiles per segment, segments."""
+        num_tiles = self.num_tiles
+        scan = self.configs[kernel].scan_tiles
+        if scan is None:
+            block_fs, block_ds = self.state_blocks(kernel)
+            programs = (_cdiv(self.feature_dim, block_fs) * _cdiv(self.head_dim, block_ds)
+                        * self.batch * self.num_q_heads)
+            wanted = _cdiv(SCAN_PROGRAMS_PER_SM * self.sm_count, programs)
+            segments = max(1, min(wanted, num_tiles // MIN_SCAN_TILES))
+            scan = _cdiv(num_tiles, segments)
+        scan = max(1, min(scan, num_tiles))
+        return scan, _cdiv(num_tiles, scan)
+
+    def state_grid(self, kernel: str, num_segments: int) -> tuple[int, int, int]:
+        """Grid of the per-tile scans (M = 1): one program per F × D block, segment and (b, h)."""
         block_fs, block_ds = self.state_blocks(kernel)
-        return (triton.cdiv(self.feature_dim, block_fs), triton.cdiv(self.head_dim, block_ds),
+        return (_cdiv(self.feature_dim, block_fs) * _cdiv(self.head_dim, block_ds), num_segments,
                 self.batch * self.num_q_heads)
 
     def local_grid(self, kernel: str, num_states: int) -> tuple[int, int, int]:
         """Grid of the super-chunk sums (M > 1): one program per super-chunk, (b, h) and F × D block."""
         block_fs, block_ds = self.state_blocks(kernel)
         return (num_states, self.batch * self.num_q_heads,
-                triton.cdiv(self.feature_dim, block_fs) * triton.cdiv(self.head_dim, block_ds))
+                _cdiv(self.feature_dim, block_fs) * _cdiv(self.head_dim, block_ds))
+
+
+_GEOMETRIES: dict = {}
+_GEOMETRIES_LIMIT = 1024
+
+
+def _geometry(q: torch.Tensor, k: torch.Tensor, q_feat: torch.Tensor, window_size: int, window_kind: str,
+              chunk_size: int) -> _Geometry:
+    """_Geometry(...), reused for calls with the same shapes, dtype, device, window and launch settings (its
+    construction is a few hundred µs of host time per forward+backward otherwise; it is never modified)."""
+    key = (q.shape, k.shape[1], q_feat.shape[-1], q.dtype, q.device, window_size, window_kind, chunk_size,
+           tuple(_OVERRIDES.get().items()))
+    geo = _GEOMETRIES.get(key)
+    if geo is None:
+        if len(_GEOMETRIES) >= _GEOMETRIES_LIMIT:
+            _GEOMETRIES.clear()
+        geo = _GEOMETRIES[key] = _Geometry(q, k, q_feat, window_size, window_kind, chunk_size)
+    return geo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,16 +509,20 @@ def state_prefix(states: torch.Tensor, sums: torch.Tensor, geo: _Geometry, kerne
     """In place: the super-chunk sums (B·Hq, NS, F, D) and (B·Hq, NS, F) become their exclusive prefix sums
     (reverse: suffix sums), with the launch settings of `kernel` (state_fwd or state_bwd)."""
     batch_heads, num_states = states.shape[:2]
-    grid = (triton.cdiv(geo.feature_dim * geo.head_dim, PREFIX_COLUMNS), batch_heads)
-    _state_prefix_kernel[grid](
+    grid = (_cdiv(geo.feature_dim * geo.head_dim, PREFIX_COLUMNS), batch_heads)
+    _launch(_state_prefix_kernel, grid,
         states, sums, num_states, geo.head_dim, geo.feature_dim, REVERSE=reverse, CH=PREFIX_ROWS, BE=PREFIX_COLUMNS,
         **geo.launch(kernel),
     )
 
 
-def hybrid_state_fwd(k_feat: torch.Tensor, v: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+def hybrid_state_fwd(k_feat: torch.Tensor, v: torch.Tensor, geo: _Geometry,
+                     segment_sums: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored linear states S (B·Hq, NS, F, D) in geo.state_dtype and z (B·Hq, NS, F) fp32.
-    M = 1: at every tile boundary, S[c] = Σ over keys before tile c of φk vᵀ (one sequential scan).
+    M = 1: at every tile boundary, S[c] = Σ over keys before tile c of φk vᵀ (a scan over tiles, in
+    segments when B·H is small: the segments' sums, then the segments' tiles from the earlier sums).
+    segment_sums: a dict that keeps the segments' sums ("sums": (totals, total_sums)) when it has none,
+    and supplies them instead of the first pass when it has (the backward's recomputation of the states).
     M > 1: at the super-chunk boundaries, S[g] = Σ over keys before tile i_first(g·M) (the sums over
     each super-chunk's key range in parallel, then their exclusive prefix)."""
     bh, ns, f, d = geo.batch * geo.num_q_heads, geo.num_states_fwd, geo.feature_dim, geo.head_dim
@@ -370,14 +530,27 @@ def hybrid_state_fwd(k_feat: torch.Tensor, v: torch.Tensor, geo: _Geometry) -> t
     sums = torch.empty(bh, ns, f, dtype=torch.float32, device=v.device)
     block_fs, block_ds = geo.state_blocks("state_fwd")
     if geo.super_fwd == 1:
-        _state_fwd_kernel[geo.state_grid("state_fwd")](
-            k_feat, v, states, sums, *_strides(k_feat), *_strides(v), *geo.dims(),
-            BT=geo.chunk_size, BFS=block_fs, BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
-            **geo.launch("state_fwd"),
-        )
+        scan, segments = geo.scan_segments("state_fwd")
+        grid = geo.state_grid("state_fwd", segments)
+        args = (*_strides(k_feat), *_strides(v), geo.num_tokens, geo.num_tiles, scan, segments, geo.num_q_heads,
+                geo.group, d, f)
+        constexprs = dict(BT=geo.chunk_size, BFS=block_fs, BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
+                          **geo.launch("state_fwd"))
+        totals, total_sums = states, sums  # not read with one segment
+        if segments > 1 and segment_sums is not None and "sums" in segment_sums:
+            totals, total_sums = segment_sums["sums"]
+        elif segments > 1:
+            totals = torch.empty(bh, segments, f, d, dtype=torch.float32, device=v.device)
+            total_sums = torch.empty(bh, segments, f, dtype=torch.float32, device=v.device)
+            _launch(_state_fwd_kernel, grid, k_feat, v, states, sums, totals, total_sums, *args, STORE_TILES=False,
+                    LOAD_START=False, **constexprs)
+            if segment_sums is not None:
+                segment_sums["sums"] = (totals, total_sums)
+        _launch(_state_fwd_kernel, grid, k_feat, v, states, sums, totals, total_sums, *args, STORE_TILES=True,
+                LOAD_START=segments > 1, **constexprs)
         return states, sums
     t, nt, hq, group = geo.num_tokens, geo.num_tiles, geo.num_q_heads, geo.group
-    _state_local_kernel[geo.local_grid("state_fwd", ns)](
+    _launch(_state_local_kernel, geo.local_grid("state_fwd", ns),
         k_feat, v, states, sums, *_strides(k_feat), *_strides(v), t, nt, ns, hq, group, d, f,
         WINDOW=geo.window_size, TERRACE=geo.terrace, SUPER=geo.super_fwd, BT=geo.chunk_size, BFS=block_fs,
         BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision, **geo.launch("state_fwd"),
@@ -394,7 +567,7 @@ def hybrid_state_grads(q_feat: torch.Tensor, dy: torch.Tensor, denom: torch.Tens
     exclusive suffix sums. q_feat, dy: (B, Hq, T, ·); denom, delta: (B, Hq, T) fp32."""
     block_fs, block_ds = geo.state_blocks("state_bwd")
     ns = geo.num_states_bwd
-    _dstate_local_kernel[geo.local_grid("state_bwd", ns)](
+    _launch(_dstate_local_kernel, geo.local_grid("state_bwd", ns),
         q_feat, dy, denom, delta, dstates, dsums, *_strides(q_feat), *_strides(dy),
         geo.num_tokens, geo.num_tiles, ns, geo.num_q_heads, geo.head_dim, geo.feature_dim, SUPER=geo.super_bwd,
         BT=geo.chunk_size, BFS=block_fs, BDS=block_ds, UPCAST=geo.upcast, PRECISION=geo.precision,
@@ -405,18 +578,19 @@ def hybrid_state_grads(q_feat: torch.Tensor, dy: torch.Tensor, denom: torch.Tens
 
 def hybrid_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_feat: torch.Tensor, k_feat: torch.Tensor,
-    gamma: torch.Tensor, geo: _Geometry,
+    gamma: torch.Tensor, geo: _Geometry, segment_sums: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launch. Inputs share one dtype, last dims contiguous. Returns y (B, Hq, T, D) in q.dtype,
     and for the backward the window max (base 2), its key position (int32) and the full denominator,
-    all (B, Hq, T)."""
-    states, sums = hybrid_state_fwd(k_feat, v, geo)
+    all (B, Hq, T). segment_sums: as in hybrid_state_fwd (a dict given empty keeps the state scan's segment
+    sums for the backward, which then skips that pass: one launch fewer, on a host-bound path)."""
+    states, sums = hybrid_state_fwd(k_feat, v, geo, segment_sums)
     y = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     row_max = torch.empty(geo.batch, geo.num_q_heads, geo.num_tokens, dtype=torch.float32, device=q.device)
     arg_max = torch.empty(row_max.shape, dtype=torch.int32, device=q.device)
     denom = torch.empty_like(row_max)
     t, nt, hq, group, d, f = geo.dims()
-    _hybrid_fwd_kernel[(geo.num_states_fwd, geo.batch * hq)](
+    _launch(_hybrid_fwd_kernel, (geo.num_states_fwd, geo.batch * hq),
         q, k, v, q_feat, k_feat, gamma, states, sums, y, row_max, arg_max, denom,
         *_strides(q), *_strides(k), *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(y),
         t, nt, geo.num_states_fwd, hq, group, d, f, geo.qk_scale, SUPER=geo.super_fwd,
@@ -428,7 +602,7 @@ def hybrid_attention_fwd(
 def hybrid_attention_bwd(
     dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_feat: torch.Tensor,
     k_feat: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor, row_max: torch.Tensor, arg_max: torch.Tensor,
-    denom: torch.Tensor, geo: _Geometry,
+    denom: torch.Tensor, geo: _Geometry, segment_sums: dict | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Backward launches, in dependency order (see triton_chunk.py): window dq (also δ, ρ, dγ parts), the
     states (recomputed: cheaper than keeping them), linear dφq (with the per-tile state gradients when
@@ -443,19 +617,19 @@ def hybrid_attention_bwd(
     dgamma_tiles = torch.empty(bh, nt, dtype=torch.float32, device=q.device)
     rho = torch.empty_like(row_max)
     delta = torch.empty_like(row_max)  # dy·y per row
-    _bwd_dq_window_kernel[(nt, bh)](
+    _launch(_bwd_dq_window_kernel, (nt, bh),
         q, k, v, gamma, y, dy, row_max, arg_max, denom, dq, dgamma_tiles, rho, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(y), *_strides(dy), *_strides(dq),
         t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, **geo.window_constexprs("bwd_dq_window"),
     )
 
-    states, sums = hybrid_state_fwd(k_feat, v, geo)
+    states, sums = hybrid_state_fwd(k_feat, v, geo, segment_sums)
     dq_feat = torch.empty(q_feat.shape, dtype=q_feat.dtype, device=q.device)
     # Per-tile state gradients (M_bwd = 1) are written by the dq kernel; with super-chunks it writes none.
     per_tile = geo.super_bwd == 1
     dstates = torch.empty(bh, nt if per_tile else geo.num_states_bwd, f, d, dtype=geo.state_dtype, device=q.device)
     dsums = torch.empty(dstates.shape[:3], dtype=torch.float32, device=q.device)
-    _bwd_dq_linear_kernel[(geo.num_states_fwd, bh)](
+    _launch(_bwd_dq_linear_kernel, (geo.num_states_fwd, bh),
         v, q_feat, k_feat, states, sums, dy, denom, delta, dq_feat, dstates, dsums,
         *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dq_feat),
         t, nt, geo.num_states_fwd, geo.num_q_heads, group, d, f, SUPER=geo.super_fwd, WRITE_DSTATE=per_tile,
@@ -465,12 +639,21 @@ def hybrid_attention_bwd(
     block_fs, block_ds = geo.state_blocks("state_bwd")
     dk_feat = torch.empty(k_feat.shape, dtype=k_feat.dtype, device=k.device)
     if per_tile:
-        # In place: dstates[i] <- Σ_{i' >= i} dstates[i'].
-        _state_bwd_kernel[geo.state_grid("state_bwd")](
-            dstates, dsums, nt, d, f, BFS=block_fs, BDS=block_ds, **geo.launch("state_bwd"),
-        )
+        # In place: dstates[i] <- Σ_{i' >= i} dstates[i'] (in segments as hybrid_state_fwd's scan: the
+        # segments' sums, then each segment from the sum of the later segments' sums).
+        scan, segments = geo.scan_segments("state_bwd")
+        grid = geo.state_grid("state_bwd", segments)
+        totals, total_sums = dstates, dsums  # not read with one segment
+        if segments > 1:
+            totals = torch.empty(bh, segments, f, d, dtype=torch.float32, device=v.device)
+            total_sums = torch.empty(bh, segments, f, dtype=torch.float32, device=v.device)
+            _launch(_state_bwd_kernel, grid, dstates, dsums, totals, total_sums, nt, scan, segments, d, f,
+                    BFS=block_fs, BDS=block_ds, STORE_TILES=False, LOAD_START=False, **geo.launch("state_bwd"))
+        _launch(_state_bwd_kernel, grid, dstates, dsums, totals, total_sums, nt, scan, segments, d, f, BFS=block_fs,
+                BDS=block_ds, STORE_TILES=True, LOAD_START=segments > 1, **geo.launch("state_bwd"))
+        del totals, total_sums
         dv_linear = torch.empty(bhk, t, d, dtype=torch.float32, device=v.device)
-        _bwd_dkv_linear_kernel[(nt, bhk)](
+        _launch(_bwd_dkv_linear_kernel, (nt, bhk),
             v, q_feat, k_feat, dy, denom, delta, dstates, dsums, dv_linear, dk_feat,
             *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dk_feat),
             t, nt, geo.num_q_heads, group, d, f, BQ=geo.query_rows("bwd_dkv_linear"),
@@ -482,7 +665,7 @@ def hybrid_attention_bwd(
         ns = geo.num_states_bwd
         hybrid_state_grads(q_feat, dy, denom, delta, dstates, dsums, geo)
         dv_linear = torch.empty(bh, t, d, dtype=torch.float32, device=v.device)
-        _bwd_dkv_linear_carry_kernel[(ns, bh)](
+        _launch(_bwd_dkv_linear_carry_kernel, (ns, bh),
             v, q_feat, k_feat, dy, denom, delta, dstates, dsums, dv_linear, dk_feat,
             *_strides(v), *_strides(q_feat), *_strides(k_feat), *_strides(dy), *_strides(dk_feat),
             t, nt, ns, geo.num_q_heads, group, d, f, SUPER=geo.super_bwd, BQ=geo.query_rows("bwd_dkv_linear"),
@@ -491,34 +674,39 @@ def hybrid_attention_bwd(
     del dstates, dsums
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _bwd_dkv_window_kernel[(nt, bhk)](
+    _launch(_bwd_dkv_window_kernel, (nt, bhk),
         q, k, v, gamma, dy, row_max, arg_max, denom, delta, rho, dv_linear, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dy), *_strides(dk), *_strides(dv),
         t, nt, geo.num_q_heads, group, d, geo.qk_scale, geo.sm_scale, BQ=geo.query_rows("bwd_dkv_window"),
         DV_PER_HEAD=not per_tile, **geo.window_constexprs("bwd_dkv_window"),
     )
-    dgamma = dgamma_tiles.view(geo.batch, geo.num_q_heads, nt).sum(dim=(0, 2)).to(gamma.dtype)
+    dgamma = dgamma_tiles.view(geo.batch, geo.num_q_heads, nt).sum(dim=(0, 2))
+    if dgamma.dtype != gamma.dtype:
+        dgamma = dgamma.to(gamma.dtype)
     return dq, dk, dv, dq_feat, dk_feat, dgamma
 
 
 class HybridAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton forward/backward (inputs already checked, one dtype, last
-    dims contiguous). Saves the inputs, y, the window max, its position and the denominator; no T×T
-    or state tensors survive the forward."""
+    dims contiguous). Saves the inputs, y, the window max, its position and the denominator, and the state
+    scan's segment sums when it has segments ((B·Hq, NSEG, F, D) fp32, NSEG ≤ ~30); no T×T or per-tile state
+    tensors survive the forward."""
 
     @staticmethod
     def forward(ctx, q, k, v, q_feat, k_feat, gamma, window_size, window_kind, chunk_size):
-        geo = _Geometry(q, k, q_feat, window_size, window_kind, chunk_size)
-        y, row_max, arg_max, denom = hybrid_attention_fwd(q, k, v, q_feat, k_feat, gamma, geo)
+        geo = _geometry(q, k, q_feat, window_size, window_kind, chunk_size)
+        segment_sums = {}  # the state scan's segment sums, when it has segments (a few MB at most)
+        y, row_max, arg_max, denom = hybrid_attention_fwd(q, k, v, q_feat, k_feat, gamma, geo, segment_sums)
         ctx.save_for_backward(q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom)
-        ctx.geo = geo
+        ctx.geo, ctx.segment_sums = geo, segment_sums
         return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom = ctx.saved_tensors
-        dy = _unit_last(dy.to(y.dtype))
-        grads = hybrid_attention_bwd(dy, q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom, ctx.geo)
+        dy = _unit_last(dy, y.dtype)
+        grads = hybrid_attention_bwd(dy, q, k, v, q_feat, k_feat, gamma, y, row_max, arg_max, denom, ctx.geo,
+                                     ctx.segment_sums)
         return (*grads, None, None, None)
 
 
@@ -559,7 +747,7 @@ def _check_chunk_size(chunk_size: int | None, window_size: int, window_kind: str
     if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 128
             or chunk_size & (chunk_size - 1)):
         raise ValueError(f"chunk_size must be None or a power of two in [16, 128], got {chunk_size!r}")
-    num_tiles = triton.cdiv(num_tokens, chunk_size)
+    num_tiles = _cdiv(num_tokens, chunk_size)
     span = key_span(num_tiles, chunk_size, window_size, window_kind == "terrace")
     if span > MAX_KEY_SPAN:
         raise ValueError(
@@ -613,10 +801,10 @@ def triton_hybrid_attention(
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
     # One dtype for every tl.dot operand (a no-op in the usual case where all inputs share it).
-    q_, k_, v_, q_feat_, k_feat_ = (_unit_last(t.to(compute_dtype)) for t in (q, k, v, q_feat, k_feat))
+    q_, k_, v_, q_feat_, k_feat_ = (_unit_last(t, compute_dtype) for t in (q, k, v, q_feat, k_feat))
     y = HybridAttentionFunction.apply(q_, k_, v_, q_feat_, k_feat_, gamma.contiguous(), window_size, window_kind,
                                       chunk_size)
-    return y.to(q.dtype)
+    return y if y.dtype == q.dtype else y.to(q.dtype)
 
 
 def hybrid_decode_step(
@@ -651,8 +839,8 @@ def hybrid_decode_step(
     config = resolve_launch_configs(head_dim, feature_dim)["decode"]
     block_dv = min(config.block_d or 64, block_d)
     precision = _precision(state.window_k.dtype)
-    grid = (batch * num_q_heads, triton.cdiv(head_dim, block_dv))
-    _hybrid_decode_kernel[grid](
+    grid = (batch * num_q_heads, _cdiv(head_dim, block_dv))
+    _launch(_hybrid_decode_kernel, grid,
         q, k, v, q_feat, k_feat, gamma, window_k, window_v, window_k_feat, kv, k_sum, y, kv_out, k_sum_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_feat.stride(0), q_feat.stride(1), k_feat.stride(0), k_feat.stride(1),

@@ -25,8 +25,10 @@ program per query tile, and the per-tile dS written by the linear dq kernel.
 
 Kernels (grid in brackets; H = Hq query heads, Hkv kv heads, NT = ceil(T / BT) tiles, NS states):
 
-* state scan, M = 1: `_state_fwd_kernel` [F-blocks, D-blocks, B·H]: exclusive prefix sum over tiles of
+* state scan, M = 1: `_state_fwd_kernel` [F-blocks·D-blocks, NSEG, B·H]: exclusive prefix sum over tiles of
   φkᵀ v and of φk, S[c] = Σ_{c' < c} (tile c'), stored for every boundary c: (B·H, NT, F, D), (B·H, NT, F).
+  With few (b, h) (B = 1 at long T) the tiles are cut into NSEG segments scanned in parallel: the segments'
+  sums first, then each segment's tiles, starting from the sum of the earlier segments' sums.
   M > 1: `_state_local_kernel` [NS, B·H, F-blocks·D-blocks] sums each K_g, and
   `_state_prefix_kernel` [F·D / BE, B·H] turns the sums, in place, into the boundaries P[g] (CH sums per
   step with tl.cumsum, so NS / CH sequential steps).
@@ -42,8 +44,8 @@ Kernels (grid in brackets; H = Hq query heads, Hkv kv heads, NT = ceil(T / BT) t
 * backward, linear terms: `_bwd_dq_linear_kernel` [NS, B·H] gives dφq (in-tile linear keys and
   S g + z h, g = dy / den, h = −δ / den) and, when the state gradients are per tile (M_bwd = 1), the
   tile's gradient w.r.t. the state it read, dS_i = φqᵀ g, dz_i = φqᵀ h.
-  M_bwd = 1: `_state_bwd_kernel` [F-blocks, D-blocks, B·H] turns them into a reverse inclusive prefix
-  sum over tiles, in place: R[i] = Σ_{i' >= i} dS_i'; key tile c's state gradient is R[i_after(c)];
+  M_bwd = 1: `_state_bwd_kernel` [F-blocks·D-blocks, NSEG, B·H] turns them into a reverse inclusive prefix
+  sum over tiles, in place (in segments, as the forward scan): R[i] = Σ_{i' >= i} dS_i'; key tile c's state gradient is R[i_after(c)];
   `_bwd_dkv_linear_kernel` [NT, B·Hkv] gives dφk and the linear part of dv (in-tile linear keys and the
   state path), summed over the group in registers, into DV_LINEAR (B·Hkv, T, D) fp32.
   M_bwd > 1: `_dstate_local_kernel` [NS, B·H, F-blocks·D-blocks] sums dS over each super-chunk,
@@ -70,6 +72,7 @@ base 2: s holds q·k·log2(e)/√D, so exp2(s − c) = exp(q·k/√D − c_n).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -115,6 +118,7 @@ def first_key_tile(tile: int, chunk_size: int, window_size: int, terrace: bool) 
     return max(window_start_py(tile * chunk_size, window_size, terrace), 0) // chunk_size
 
 
+@functools.lru_cache(maxsize=4096)  # every call of the public function asks; a Python loop of a few tiles
 def key_span(num_tiles: int, chunk_size: int, window_size: int, terrace: bool) -> int:
     """KSPAN = max over tiles i of i − i_first(i) + 1: the most key tiles a query tile reads directly.
 
@@ -245,67 +249,116 @@ def _add_state_grads(b_dstate, b_dz, qf_base, dy_base, s_qft, s_dyt, DEN, DELTA,
 
 @triton.jit
 def _state_fwd_kernel(
-    KF, V, S, Z,
+    KF, V, S, Z, TS, TZ,
     s_kfb, s_kfh, s_kft, s_vb, s_vh, s_vt,
-    T, NT, HQ, GROUP, D, F,
+    T, NT, SCAN, NSEG, HQ, GROUP, D, F,
     BT: tl.constexpr, BFS: tl.constexpr, BDS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STORE_TILES: tl.constexpr, LOAD_START: tl.constexpr,
 ):
     """M = 1: S[b, h, c] = Σ_{tiles c' < c} φk_c'ᵀ v_c' (one F × D block, summed in fp32, stored in S's
-    dtype), Z[b, h, c] = Σ φk in fp32, for every tile boundary c."""
-    i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dtype), Z[b, h, c] = Σ φk in fp32, for every tile boundary c.
+
+    The tiles are scanned in NSEG segments of SCAN tiles, one program each (a single sequential scan over
+    NT tiles leaves most of the GPU idle when B·H is small: B = 1 at long T). STORE_TILES = False: the
+    program only sums its segment into TS, TZ (fp32, (B·H, NSEG, ·)); STORE_TILES: the program starts from
+    the sum of the earlier segments' TS, TZ (LOAD_START; otherwise from zero, NSEG = 1: a second launch,
+    not a prefix kernel, because a launch costs more host time than these few loads cost the GPU) and
+    stores the state at each of its tile boundaries."""
+    i_fd, i_seg, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_d_blocks = tl.cdiv(D, BDS)
+    i_f, i_d = i_fd // num_d_blocks, i_fd % num_d_blocks
     i_b, i_h = i_bh // HQ, i_bh % HQ
     i_hk = i_h // GROUP
     o_f = i_f * BFS + tl.arange(0, BFS)
     o_d = i_d * BDS + tl.arange(0, BDS)
     m_f, m_d = o_f < F, o_d < D
+    m_fd = m_f[:, None] & m_d[None, :]
     kf_base = KF + i_b.to(tl.int64) * s_kfb + i_h.to(tl.int64) * s_kfh
     v_base = V + i_b.to(tl.int64) * s_vb + i_hk.to(tl.int64) * s_vh
+    i_lo = i_seg * SCAN
+    i_hi = tl.minimum(i_lo + SCAN, NT)
+    o_total = (i_bh.to(tl.int64) * NSEG + i_seg) * F
+    p_ts = TS + (o_total + o_f[:, None]) * D + o_d[None, :]
+    p_tz = TZ + o_total + o_f
     # Pointers to the state of boundary c, advanced each step (loop counters are plain ints in the interpreter).
-    p_s = S + i_bh.to(tl.int64) * NT * F * D + o_f[:, None] * D + o_d[None, :]
-    p_z = Z + i_bh.to(tl.int64) * NT * F + o_f
+    p_s = S + (i_bh.to(tl.int64) * NT + i_lo) * F * D + o_f[:, None] * D + o_d[None, :]
+    p_z = Z + (i_bh.to(tl.int64) * NT + i_lo) * F + o_f
 
     b_s = tl.zeros([BFS, BDS], dtype=tl.float32)
     b_z = tl.zeros([BFS], dtype=tl.float32)
-    for i_c in range(0, NT):
-        tl.store(p_s, b_s.to(S.dtype.element_ty), mask=m_f[:, None] & m_d[None, :])
-        if i_d == 0:
-            tl.store(p_z, b_z, mask=m_f)
-        p_s += F * D
-        p_z += F
+    if LOAD_START:
+        p_first = TS + (i_bh.to(tl.int64) * NSEG * F + o_f[:, None]) * D + o_d[None, :]
+        p_first_z = TZ + i_bh.to(tl.int64) * NSEG * F + o_f
+        for i_p in range(0, i_seg):
+            b_s += tl.load(p_first + i_p * F * D, mask=m_fd, other=0.0)
+            b_z += tl.load(p_first_z + i_p * F, mask=m_f, other=0.0)
+    for i_c in range(i_lo, i_hi):
+        if STORE_TILES:
+            tl.store(p_s, b_s.to(S.dtype.element_ty), mask=m_fd)
+            if i_d == 0:
+                tl.store(p_z, b_z, mask=m_f)
+            p_s += F * D
+            p_z += F
         o_s = i_c * BT + tl.arange(0, BT)
         m_s = o_s < T
         b_kf = _load_tile(kf_base, s_kft, o_s, m_s, o_f, m_f, UPCAST)
         b_v = _load_tile(v_base, s_vt, o_s, m_s, o_d, m_d, UPCAST)
         b_s += tl.dot(tl.trans(b_kf), b_v, input_precision=PRECISION)
         b_z += tl.sum(b_kf.to(tl.float32), 0)
+    if not STORE_TILES:
+        tl.store(p_ts, b_s.to(TS.dtype.element_ty), mask=m_fd)
+        if i_d == 0:
+            tl.store(p_tz, b_z, mask=m_f)
 
 
 @triton.jit
 def _state_bwd_kernel(
-    DS, DZ, NT, D, F,
-    BFS: tl.constexpr, BDS: tl.constexpr,
+    DS, DZ, TS, TZ, NT, SCAN, NSEG, D, F,
+    BFS: tl.constexpr, BDS: tl.constexpr, STORE_TILES: tl.constexpr, LOAD_START: tl.constexpr,
 ):
-    """M_bwd = 1, in place: DS[b, h, i] <- Σ_{i' >= i} DS[b, h, i'] (and DZ likewise), summed in fp32."""
-    i_f, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """M_bwd = 1, in place: DS[b, h, i] <- Σ_{i' >= i} DS[b, h, i'] (and DZ likewise), summed in fp32.
+
+    In NSEG segments of SCAN tiles, as _state_fwd_kernel: STORE_TILES = False sums each segment into TS, TZ
+    (fp32) without writing DS; STORE_TILES writes the segment's suffix sums, starting from the sum of the
+    later segments' TS, TZ (LOAD_START)."""
+    i_fd, i_seg, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_d_blocks = tl.cdiv(D, BDS)
+    i_f, i_d = i_fd // num_d_blocks, i_fd % num_d_blocks
     o_f = i_f * BFS + tl.arange(0, BFS)
     o_d = i_d * BDS + tl.arange(0, BDS)
     m_f, m_d = o_f < F, o_d < D
     m_fd = m_f[:, None] & m_d[None, :]
-    # Pointers to tile NT − 1, moved back one tile per step.
-    p_ds = DS + (i_bh.to(tl.int64) * NT + NT - 1) * F * D + o_f[:, None] * D + o_d[None, :]
-    p_dz = DZ + (i_bh.to(tl.int64) * NT + NT - 1) * F + o_f
+    i_lo = i_seg * SCAN
+    i_hi = tl.minimum(i_lo + SCAN, NT)
+    o_total = (i_bh.to(tl.int64) * NSEG + i_seg) * F
+    p_ts = TS + (o_total + o_f[:, None]) * D + o_d[None, :]
+    p_tz = TZ + o_total + o_f
+    # Pointers to the segment's last tile, moved back one tile per step.
+    p_ds = DS + (i_bh.to(tl.int64) * NT + i_hi - 1) * F * D + o_f[:, None] * D + o_d[None, :]
+    p_dz = DZ + (i_bh.to(tl.int64) * NT + i_hi - 1) * F + o_f
 
     b_ds = tl.zeros([BFS, BDS], dtype=tl.float32)
     b_dz = tl.zeros([BFS], dtype=tl.float32)
-    for _ in range(0, NT):
+    if LOAD_START:
+        p_first = TS + (i_bh.to(tl.int64) * NSEG * F + o_f[:, None]) * D + o_d[None, :]
+        p_first_z = TZ + i_bh.to(tl.int64) * NSEG * F + o_f
+        for i_p in range(i_seg + 1, NSEG):
+            b_ds += tl.load(p_first + i_p * F * D, mask=m_fd, other=0.0)
+            b_dz += tl.load(p_first_z + i_p * F, mask=m_f, other=0.0)
+    for _ in range(i_lo, i_hi):
         b_ds += tl.load(p_ds, mask=m_fd, other=0.0).to(tl.float32)
-        tl.store(p_ds, b_ds.to(DS.dtype.element_ty), mask=m_fd)
         if i_d == 0:
             b_dz += tl.load(p_dz, mask=m_f, other=0.0)
-            tl.store(p_dz, b_dz, mask=m_f)
+        if STORE_TILES:
+            tl.store(p_ds, b_ds.to(DS.dtype.element_ty), mask=m_fd)
+            if i_d == 0:
+                tl.store(p_dz, b_dz, mask=m_f)
         p_ds -= F * D
         p_dz -= F
+    if not STORE_TILES:
+        tl.store(p_ts, b_ds.to(TS.dtype.element_ty), mask=m_fd)
+        if i_d == 0:
+            tl.store(p_tz, b_dz, mask=m_f)
 
 
 @triton.jit

@@ -263,6 +263,100 @@ def test_super_chunks_match_quadratic(poisoned, batch, heads, num_tokens, head_d
         assert_close(f"d{name}", grad, grad_ref, 1e-4)
 
 
+# Per-tile scans (M = 1) in segments of scan_tiles tiles: segment sums, their prefix, then the tiles.
+SEGMENT_CASES = [
+    # 7 tiles of 16 in segments of 2 (the last has 1 tile) and of 3; GQA; windows that span 2 and 4 tiles.
+    pytest.param(1, (4, 2), 100, 32, 16, 24, 16, "sliding", 2, id="T100-gqa-sliding-scan2"),
+    pytest.param(1, (4, 2), 100, 32, 16, 64, 16, "terrace", 3, id="T100-gqa-terrace-w64-scan3"),
+    # Every tile its own segment; a batch of 2 (the (B·Hq, NSEG, ·) offsets).
+    pytest.param(2, (3, 3), 57, 32, 16, 16, 16, "sliding", 1, id="B2-T57-mha-scan1"),
+    # One segment asked for by a scan_tiles larger than the tiles (the unsegmented scan).
+    pytest.param(1, (4, 2), 70, 32, 16, 16, 16, "terrace", 64, id="T70-scan64-one-segment"),
+]
+
+
+@pytest.mark.parametrize("batch,heads,num_tokens,head_dim,feature_dim,window_size,chunk_size,window_kind,scan_tiles",
+                         SEGMENT_CASES)
+def test_segmented_scans_match_quadratic(poisoned, batch, heads, num_tokens, head_dim, feature_dim, window_size,
+                                         chunk_size, window_kind, scan_tiles):
+    """Forward and all gradients with the per-tile state scans (M = 1) cut into segments of scan_tiles
+    tiles, on split state blocks (16 features × 16 or 32 columns per program)."""
+    inputs = make_inputs(batch, heads, num_tokens, head_dim, feature_dim, seed=num_tokens + scan_tiles)
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    configs = dict(
+        state_fwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=16, scan_tiles=scan_tiles),
+        state_bwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=32, scan_tiles=scan_tiles),
+    )
+    with launch_configs(**configs):
+        y = triton_hybrid_attention(**leaves, window_size=window_size, window_kind=window_kind, chunk_size=chunk_size)
+    num_tiles = -(-num_tokens // chunk_size)
+    segments = -(-num_tiles // min(scan_tiles, num_tiles))
+    totals = [shape for shape in poisoned if len(shape) == 4 and shape[1:] == (segments, feature_dim, head_dim)]
+    assert bool(totals) == (segments > 1), f"segment sums allocated: {totals}, expected {segments} segments"
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+
+    reference = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    y_ref = quadratic_hybrid_attention(**reference, window_size=window_size, window_kind=window_kind)
+    grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy)
+    assert_close("y", y, y_ref, 1e-5)
+    for name, grad, grad_ref in zip(INPUT_NAMES, grads, grads_ref):
+        assert_close(f"d{name}", grad, grad_ref, 1e-4)
+
+
+def test_backward_reuses_the_forward_segment_sums(monkeypatch):
+    """With segmented scans the forward keeps the segment sums, and the backward's recomputation of the
+    states launches only the second pass of the state scan (one _state_fwd_kernel launch fewer)."""
+    calls = []
+    original = triton_api._launch
+    monkeypatch.setattr(triton_api, "_launch", lambda kernel, grid, *args, **kw: (
+        calls.append((kernel.__name__, kw.get("STORE_TILES"))), original(kernel, grid, *args, **kw))[1])
+    inputs = make_inputs(1, (4, 2), 100, 32, 16, seed=3)
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    with launch_configs(state_fwd=LaunchConfig(num_warps=2, block_f=16, block_d=16, scan_tiles=2)):
+        y = triton_hybrid_attention(**leaves, window_size=16, window_kind="sliding", chunk_size=16)
+    assert calls == [("_state_fwd_kernel", False), ("_state_fwd_kernel", True), ("_hybrid_fwd_kernel", None)]
+    calls.clear()
+    y.sum().backward()
+    assert [c for c in calls if c[0] == "_state_fwd_kernel"] == [("_state_fwd_kernel", True)]
+    reference = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    quadratic_hybrid_attention(**reference, window_size=16, window_kind="sliding").sum().backward()
+    for name in INPUT_NAMES:
+        assert_close(f"d{name}", leaves[name].grad, reference[name].grad, 1e-4)
+
+
+def test_segmented_state_scan_stores_every_tile_state(poisoned):
+    """hybrid_state_fwd at M = 1 in segments of 3 tiles: the state before every tile, against torch sums."""
+    batch, heads, num_tokens, head_dim, feature_dim, chunk_size = 2, (4, 2), 100, 32, 16, 16
+    inputs = make_inputs(batch, heads, num_tokens, head_dim, feature_dim, seed=5)
+    with launch_configs(state_fwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=16, scan_tiles=3)):
+        geo = triton_api._Geometry(inputs["q"], inputs["k"], inputs["q_feat"], 16, "sliding", chunk_size)
+    assert geo.scan_segments("state_fwd") == (3, 3)
+    states, sums = triton_api.hybrid_state_fwd(inputs["k_feat"], inputs["v"], geo)
+    v = inputs["v"].repeat_interleave(geo.group, dim=1)
+    rows = torch.arange(num_tokens)
+    for c in range(geo.num_tiles):
+        before = (rows < c * chunk_size).float()[None, None, :, None]
+        assert_close(f"S[{c}]", states[:, c], ((inputs["k_feat"] * before).transpose(-1, -2) @ v).flatten(0, 1), 1e-5)
+        assert_close(f"z[{c}]", sums[:, c], (inputs["k_feat"] * before).sum(2).flatten(0, 1), 1e-5)
+
+
+@pytest.mark.parametrize("batch,heads,num_tokens,sm_count,expected", [
+    (1, (9, 3), 32768, 132, (35, 15)),   # SmolLM2 shape, B = 1: 18 programs, so 15 segments of 35 tiles
+    (16, (9, 3), 2048, 132, (32, 1)),    # B = 16: 288 programs fill 132 multiprocessors, one segment
+    (1, (9, 3), 2048, 132, (8, 4)),      # 32 tiles: segments of at least MIN_SCAN_TILES = 8 tiles
+    (1, (9, 3), 300, 1, (5, 1)),         # the CPU counts one multiprocessor
+])
+def test_scan_segments_fill_the_gpu(batch, heads, num_tokens, sm_count, expected):
+    """The automatic segment count (no scan_tiles): (tiles per segment, segments) of the per-tile scans."""
+    q = torch.empty(batch, heads[0], num_tokens, 64, device="meta")
+    k = torch.empty(batch, heads[1], num_tokens, 64, device="meta")
+    q_feat = torch.empty(batch, heads[0], num_tokens, 128, device="meta")
+    geo = triton_api._Geometry(q, k, q_feat, 64, "sliding", 64)
+    geo.sm_count = sm_count
+    assert geo.scan_segments("state_fwd") == expected
+
+
 def _reference_boundary_states(q_feat, k_feat, v, dy, denom, delta, geo):
     """Torch (fp32) versions of what the super-chunk scans store, (B·Hq, NS, ·): the states before key tile
     i_first(g·M_fwd) and the state gradients of the query tiles from (g + 1)·M_bwd on."""
@@ -416,6 +510,81 @@ def test_overridden_launch_configs_give_the_same_results(poisoned, window_kind):
     assert_close("y", y, y_ref, 1e-5)
     for name, grad, grad_ref in zip(INPUT_NAMES, grads, grads_ref):
         assert_close(f"d{name}", grad, grad_ref, 1e-4)
+
+
+class _FakeCompiled:
+    """Stands for the compiled kernel kernel[grid](...) returns: records direct launches."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class _FakeKernel:
+    """Stands for a @triton.jit kernel with parameters (X, n, BLOCK: constexpr, FLAG: constexpr = True)."""
+
+    def __init__(self):
+        import inspect
+        from types import SimpleNamespace
+
+        # The fields of triton's KernelParam that _launch reads.
+        self.params = [SimpleNamespace(name="X", is_constexpr=False, default=inspect.Parameter.empty),
+                       SimpleNamespace(name="n", is_constexpr=False, default=inspect.Parameter.empty),
+                       SimpleNamespace(name="BLOCK", is_constexpr=True, default=inspect.Parameter.empty),
+                       SimpleNamespace(name="FLAG", is_constexpr=True, default=True)]
+        self.__name__ = "fake_kernel"
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return _FakeCompiled(self.log)
+        return run
+
+
+def test_launch_reuses_the_compiled_kernel_of_an_identical_signature(monkeypatch):
+    """_launch: the first call of a signature goes through kernel[grid](...); identical ones launch the compiled
+    kernel with every parameter in order (constexprs and their defaults included, the grid padded to 3D); a
+    different scalar, dtype or alignment compiles again; FAST_LAUNCH off always goes through kernel[grid]."""
+    monkeypatch.setattr(triton_api, "FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_api, "_COMPILED", {})
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    triton_api._launch(kernel, (4, 2), x, 7, BLOCK=16, num_warps=4, num_stages=1)
+    triton_api._launch(kernel, (4, 2), x, 7, BLOCK=16, num_warps=4, num_stages=1)
+    assert [entry[0] for entry in kernel.log] == ["jit", "direct"]
+    assert kernel.log[0][3] == dict(BLOCK=16, num_warps=4, num_stages=1)
+    assert kernel.log[1][1:] == ((4, 2, 1), (x, 7, 16, True))
+    for args, options in [((x, 8), dict(BLOCK=16, num_warps=4)),            # another scalar
+                          ((x.double(), 7), dict(BLOCK=16, num_warps=4)),   # another dtype
+                          ((x[1:], 7), dict(BLOCK=16, num_warps=4)),        # 4 bytes off 16-byte alignment
+                          ((x, 7), dict(BLOCK=32, num_warps=4)),            # another constexpr
+                          ((x, 7), dict(BLOCK=16, num_warps=8))]:           # another launch option
+        kernel.log.clear()
+        triton_api._launch(kernel, (1,), *args, num_stages=1, **options)
+        assert [entry[0] for entry in kernel.log] == ["jit"], (args, options)
+    with pytest.raises(TypeError, match="takes 2 runtime arguments, got 3"):
+        triton_api._launch(kernel, (1,), x, 7, 9, BLOCK=16, num_warps=4, num_stages=1)
+    monkeypatch.setattr(triton_api, "FAST_LAUNCH", False)
+    kernel.log.clear()
+    for _ in range(2):
+        triton_api._launch(kernel, (4, 2), x, 7, BLOCK=16, num_warps=4, num_stages=1)
+    assert [entry[0] for entry in kernel.log] == ["jit", "jit"]
+
+
+def test_geometry_is_reused_for_the_same_call_signature():
+    """_geometry returns the same _Geometry for the same shapes, dtype, window and launch settings; another
+    shape, window or override gets its own."""
+    q, k, q_feat = torch.empty(1, 4, 100, 32), torch.empty(1, 2, 100, 32), torch.empty(1, 4, 100, 16)
+    first = triton_api._geometry(q, k, q_feat, 16, "sliding", 16)
+    assert triton_api._geometry(q.clone(), k.clone(), q_feat.clone(), 16, "sliding", 16) is first
+    assert triton_api._geometry(q[:, :, :50], k[:, :, :50], q_feat[:, :, :50], 16, "sliding", 16) is not first
+    assert triton_api._geometry(q, k, q_feat, 16, "terrace", 16) is not first
+    with launch_configs(state_fwd=LaunchConfig(num_warps=2, scan_tiles=2)):
+        overridden = triton_api._geometry(q, k, q_feat, 16, "sliding", 16)
+    assert overridden is not first and overridden.scan_segments("state_fwd") == (2, 4)
 
 
 def test_launch_config_errors_and_table_loading(tmp_path, monkeypatch):
@@ -572,6 +741,18 @@ def test_gpu_bf16_super_chunks_match_fp32_reference(batch, heads, num_tokens, he
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window_kind", ["sliding", "terrace"])
+def test_gpu_bf16_segmented_scans_match_fp32_reference(window_kind):
+    """B = 1 at T = 8192, SmolLM2's heads: the per-tile scans run in segments (automatic: 18 (b, h, F × D)
+    programs do not fill the GPU), compiled, in bf16."""
+    _require_compiled()
+    q = torch.empty(1, 9, 8192, 64, device="cuda")
+    geo = triton_api._Geometry(q, q[:, :3], torch.empty(1, 9, 8192, 128, device="cuda"), 64, window_kind, 64)
+    assert geo.scan_segments("state_fwd")[1] > 1 and geo.scan_segments("state_bwd")[1] > 1
+    _check_gpu_bf16(1, (9, 3), 8192, 64, 128, window_kind)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch,heads,num_tokens,head_dim,super_chunk", [
     pytest.param(1, (9, 3), 2048, 64, 4, id="smollm2-shape-B1-T2048-M4"),
     pytest.param(2, (9, 3), 1000, 64, 4, id="smollm2-shape-B2-T1000-M4"),
@@ -594,6 +775,12 @@ def _check_gpu_bf16(batch, heads, num_tokens, head_dim, feature_dim, window_kind
     y = triton_hybrid_attention(**leaves, window_size=64, window_kind=window_kind)
     dy = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(y.dtype)
     grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    # A second call launches the kernels compiled by the first directly (triton_api._launch): the kernels are
+    # deterministic, so anything but the same bits means the direct launch passed other arguments.
+    y_again = triton_hybrid_attention(**leaves, window_size=64, window_kind=window_kind)
+    grads_again = torch.autograd.grad(y_again, list(leaves.values()), dy)
+    for name, first, again in zip(("y", *INPUT_NAMES), (y, *grads), (y_again, *grads_again)):
+        assert torch.equal(first, again), f"{name} differs between the first call and the direct launch"
     reference = {n: t.float().clone().requires_grad_() for n, t in inputs.items()}
     y_ref = quadratic_hybrid_attention(**reference, window_size=64, window_kind=window_kind)
     grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy.float())
