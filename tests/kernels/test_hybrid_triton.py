@@ -235,6 +235,19 @@ SUPER_CASES = [
 ]
 
 
+def _assert_matches_quadratic(inputs, leaves, y, window_size, window_kind):
+    """y = the Triton attention of `leaves` (clones of `inputs`) and its six gradients against the fp32 quadratic
+    reference, for one fixed dy."""
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    reference = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    y_ref = quadratic_hybrid_attention(**reference, window_size=window_size, window_kind=window_kind)
+    grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy)
+    assert_close("y", y, y_ref, 1e-5)
+    for name, grad, grad_ref in zip(INPUT_NAMES, grads, grads_ref):
+        assert_close(f"d{name}", grad, grad_ref, 1e-4)
+
+
 @pytest.mark.parametrize("batch,heads,num_tokens,head_dim,feature_dim,window_size,chunk_size,window_kind,"
                          "super_fwd,super_bwd", SUPER_CASES)
 def test_super_chunks_match_quadratic(poisoned, batch, heads, num_tokens, head_dim, feature_dim, window_size,
@@ -252,18 +265,10 @@ def test_super_chunks_match_quadratic(poisoned, batch, heads, num_tokens, head_d
     num_tiles = -(-num_tokens // chunk_size)
     stored = [shape for shape in poisoned if len(shape) == 4 and shape[-2:] == (feature_dim, head_dim)]
     assert stored[0][1] == -(-num_tiles // super_fwd), "the forward did not store one state per super-chunk"
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    grads = torch.autograd.grad(y, list(leaves.values()), dy)
-
-    reference = {n: t.clone().requires_grad_() for n, t in inputs.items()}
-    y_ref = quadratic_hybrid_attention(**reference, window_size=window_size, window_kind=window_kind)
-    grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy)
-    assert_close("y", y, y_ref, 1e-5)
-    for name, grad, grad_ref in zip(INPUT_NAMES, grads, grads_ref):
-        assert_close(f"d{name}", grad, grad_ref, 1e-4)
+    _assert_matches_quadratic(inputs, leaves, y, window_size, window_kind)
 
 
-# Per-tile scans (M = 1) in segments of scan_tiles tiles: segment sums, their prefix, then the tiles.
+# Per-tile scans (M = 1) in segments of scan_tiles tiles: the segments' sums, then each segment's tiles.
 SEGMENT_CASES = [
     # 7 tiles of 16 in segments of 2 (the last has 1 tile) and of 3; GQA; windows that span 2 and 4 tiles.
     pytest.param(1, (4, 2), 100, 32, 16, 24, 16, "sliding", 2, id="T100-gqa-sliding-scan2"),
@@ -293,15 +298,7 @@ def test_segmented_scans_match_quadratic(poisoned, batch, heads, num_tokens, hea
     segments = -(-num_tiles // min(scan_tiles, num_tiles))
     totals = [shape for shape in poisoned if len(shape) == 4 and shape[1:] == (segments, feature_dim, head_dim)]
     assert bool(totals) == (segments > 1), f"segment sums allocated: {totals}, expected {segments} segments"
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    grads = torch.autograd.grad(y, list(leaves.values()), dy)
-
-    reference = {n: t.clone().requires_grad_() for n, t in inputs.items()}
-    y_ref = quadratic_hybrid_attention(**reference, window_size=window_size, window_kind=window_kind)
-    grads_ref = torch.autograd.grad(y_ref, list(reference.values()), dy)
-    assert_close("y", y, y_ref, 1e-5)
-    for name, grad, grad_ref in zip(INPUT_NAMES, grads, grads_ref):
-        assert_close(f"d{name}", grad, grad_ref, 1e-4)
+    _assert_matches_quadratic(inputs, leaves, y, window_size, window_kind)
 
 
 def test_backward_reuses_the_forward_segment_sums(monkeypatch):
