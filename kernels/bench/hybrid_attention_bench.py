@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton hybrid attention (training forward/backward and the decode step).
 
     python -m kernels.bench.hybrid_attention_bench --quick           # a few shapes, < 2 minutes on an H100
-    python -m kernels.bench.hybrid_attention_bench --out bench.json  # the full table (~6 minutes)
+    python -m kernels.bench.hybrid_attention_bench --out bench.json  # the full table (~2 minutes)
     python -m kernels.bench.hybrid_attention_bench --quick --super-chunks 1 8   # also time M = 1 and 8
     python -m kernels.bench.hybrid_attention_bench --quick --launch-table tune.json   # a tune run's configs
 

@@ -18,8 +18,6 @@ Prints a table per case and writes JSON with the device named.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -28,21 +26,14 @@ import time
 
 import torch
 
-from kernels.bench.hybrid_attention_bench import FEATURE_DIM, INPUT_NAMES, SHAPES, make_inputs, sdpa_causal
-from kernels.hybrid_attention.triton_api import (
-    launch_configs,
-    load_launch_table,
-    resolve_launch_configs,
-    triton_hybrid_attention,
+from kernels.bench.hybrid_attention_bench import (
+    INPUT_NAMES,
+    SHAPES,
+    make_inputs,
+    sdpa_causal,
+    super_chunk_override,
 )
-
-
-def super_chunk_override(head_dim: int, super_chunk: int | None):
-    if super_chunk is None:
-        return contextlib.nullcontext()
-    row = resolve_launch_configs(head_dim, FEATURE_DIM)
-    return launch_configs(**{name: dataclasses.replace(row[name], super_chunk=super_chunk)
-                             for name in ("state_fwd", "state_bwd")})
+from kernels.hybrid_attention.triton_api import load_launch_table, triton_hybrid_attention
 
 
 def profile_calls(call, steps: int, device_type: str = "CUDA") -> dict:
@@ -188,7 +179,7 @@ def main(argv=None) -> int:
         inputs = make_inputs(batch, shape, num_tokens)
         tensors = [inputs[n] for n in INPUT_NAMES]
         for super_chunk in [None, *args.super_chunks]:
-            with super_chunk_override(shape["head_dim"], super_chunk):
+            with super_chunk_override(shape, super_chunk):
                 fn = lambda *t: triton_hybrid_attention(*t, window_size=64, window_kind=args.window_kind)  # noqa: E731
                 case = dict(method="triton_hybrid", T=num_tokens, B=batch, super_chunk=super_chunk,
                             **profile_case(fn, tensors, args.steps, args.host_top))

@@ -82,7 +82,7 @@ PREFIX_ROWS, PREFIX_COLUMNS = 8, 512
 # The per-tile (M = 1) scans are sequential over tiles, one program per (b, h, F × D block): 18 programs at
 # B = 1, T = 32k and SmolLM2's 9 heads, 0.5 ms on an H100 for 512 tiles. When those programs do not fill the
 # GPU, the tiles are cut into segments: about SCAN_PROGRAMS_PER_SM programs per multiprocessor, and segments
-# of at least MIN_SCAN_TILES tiles (the segment sums and their prefix are extra passes).
+# of at least MIN_SCAN_TILES tiles (the segment sums are an extra pass).
 SCAN_PROGRAMS_PER_SM, MIN_SCAN_TILES = 2, 8
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -262,10 +262,10 @@ def load_launch_table(source) -> dict[tuple[int, int], dict[str, LaunchConfig]]:
 # Launching
 # ----------------------------------------------------------------------------------------------
 
-# `kernel[grid](...)` re-derives every argument's specialisation and the cache key on each call: about 60 µs
-# of host time per launch (H100 machine, Triton 3.6), with 9 launches per forward+backward, while the GPU
-# work of a SmolLM2-shaped layer at B = 16, T = 2048 is 1.0 ms; the host was the bottleneck (host 1.5 ms:
-# `python -m kernels.bench.hybrid_attention_profile`). `_launch` remembers the compiled kernel of each exact
+# `kernel[grid](...)` re-derives every argument's specialisation and the cache key on each call: 0.95 of the
+# 2.56 ms of host time (under cProfile) of a SmolLM2-shaped forward+backward at B = 16, T = 2048 (9 launches,
+# H100 machine, Triton 3.6), whose GPU work is 1.0 ms; the host was the bottleneck (1.5 ms without the profiler:
+# `python -m kernels.bench.hybrid_attention_profile`, docs/results.md §2). `_launch` remembers the compiled kernel of each exact
 # argument signature (every int and float, each tensor's dtype, device and 16-byte alignment, the constexprs
 # and launch options: at least as specific as Triton's own key) and launches it directly afterwards.
 # LINEARIZE_TRITON_FAST_LAUNCH=0 goes through kernel[grid](...) every time.
@@ -347,7 +347,7 @@ def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) 
 
 
 def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for ints. (triton.cdiv is a constexpr function: about 8 µs a call on the host.)"""
+    """ceil(a / b) for ints (triton.cdiv is a ConstexprFunction: a few µs a call on the host)."""
     return -(-a // b)
 
 
@@ -365,7 +365,8 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _unit_last(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """t (cast to dtype) with a contiguous last dim and (B, H, T, X) token offsets that fit the kernels' int32
-    math. Free when nothing changes (the usual case; checked without calling torch, on the host's critical path)."""
+    math. No copy and no torch call beyond one stride() when nothing changes (the usual case, on the host's
+    critical path)."""
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     strides = t.stride()

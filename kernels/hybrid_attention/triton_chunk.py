@@ -45,7 +45,8 @@ Kernels (grid in brackets; H = Hq query heads, Hkv kv heads, NT = ceil(T / BT) t
   S g + z h, g = dy / den, h = −δ / den) and, when the state gradients are per tile (M_bwd = 1), the
   tile's gradient w.r.t. the state it read, dS_i = φqᵀ g, dz_i = φqᵀ h.
   M_bwd = 1: `_state_bwd_kernel` [F-blocks·D-blocks, NSEG, B·H] turns them into a reverse inclusive prefix
-  sum over tiles, in place (in segments, as the forward scan): R[i] = Σ_{i' >= i} dS_i'; key tile c's state gradient is R[i_after(c)];
+  sum over tiles, in place (in segments, as the forward scan): R[i] = Σ_{i' >= i} dS_i'; key tile c's state
+  gradient is R[i_after(c)];
   `_bwd_dkv_linear_kernel` [NT, B·Hkv] gives dφk and the linear part of dv (in-tile linear keys and the
   state path), summed over the group in registers, into DV_LINEAR (B·Hkv, T, D) fp32.
   M_bwd > 1: `_dstate_local_kernel` [NS, B·H, F-blocks·D-blocks] sums dS over each super-chunk,
@@ -261,9 +262,9 @@ def _state_fwd_kernel(
     The tiles are scanned in NSEG segments of SCAN tiles, one program each (a single sequential scan over
     NT tiles leaves most of the GPU idle when B·H is small: B = 1 at long T). STORE_TILES = False: the
     program only sums its segment into TS, TZ (fp32, (B·H, NSEG, ·)); STORE_TILES: the program starts from
-    the sum of the earlier segments' TS, TZ (LOAD_START; otherwise from zero, NSEG = 1: a second launch,
-    not a prefix kernel, because a launch costs more host time than these few loads cost the GPU) and
-    stores the state at each of its tile boundaries."""
+    the sum of the earlier segments' TS, TZ (LOAD_START; from zero when NSEG = 1) and stores the state at each
+    of its tile boundaries. Each program sums the earlier totals itself instead of a prefix kernel running
+    between the two launches: a launch costs more host time than these few loads cost the GPU."""
     i_fd, i_seg, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_d_blocks = tl.cdiv(D, BDS)
     i_f, i_d = i_fd // num_d_blocks, i_fd % num_d_blocks

@@ -306,8 +306,12 @@ def test_backward_reuses_the_forward_segment_sums(monkeypatch):
     states launches only the second pass of the state scan (one _state_fwd_kernel launch fewer)."""
     calls = []
     original = triton_api._launch
-    monkeypatch.setattr(triton_api, "_launch", lambda kernel, grid, *args, **kw: (
-        calls.append((kernel.__name__, kw.get("STORE_TILES"))), original(kernel, grid, *args, **kw))[1])
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        calls.append((kernel.__name__, kwargs.get("STORE_TILES")))
+        original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_api, "_launch", recording_launch)
     inputs = make_inputs(1, (4, 2), 100, 32, 16, seed=3)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
     with launch_configs(state_fwd=LaunchConfig(num_warps=2, block_f=16, block_d=16, scan_tiles=2)):
@@ -546,7 +550,8 @@ def test_launch_reuses_the_compiled_kernel_of_an_identical_signature(monkeypatch
     kernel with every parameter in order (constexprs and their defaults included, the grid padded to 3D); a
     different scalar, dtype or alignment compiles again; FAST_LAUNCH off always goes through kernel[grid]."""
     monkeypatch.setattr(triton_api, "FAST_LAUNCH", True)
-    monkeypatch.setattr(triton_api, "_COMPILED", {})
+    for cache in ("_COMPILED", "_SIGNATURES", "_TENSOR_ARGS"):  # keyed by id(kernel): start empty
+        monkeypatch.setattr(triton_api, cache, {})
     kernel = _FakeKernel()
     x = torch.zeros(8)
     triton_api._launch(kernel, (4, 2), x, 7, BLOCK=16, num_warps=4, num_stages=1)
