@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .convert import hybrid_modules
+from .hybrid_attention import HybridAttention
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,6 +130,24 @@ def load_adapter_files(model: nn.Module, files: dict[str, bytes], trainable: boo
         raise ValueError(f"files: adapter tensors {sorted(expected ^ loaded)[:3]} do not match this model's LoRA "
                          "modules; was it trained on a model converted at the same layers?")
     return peft_model
+
+
+@contextmanager
+def teacher_view(peft_model: PeftModel):
+    """Inside the block, `peft_model` computes the original (unconverted) model: adapters off and every converted
+    layer in softmax mode. LoRA only adds to the frozen q/k/v/o, so this is exactly the teacher's attention from the
+    same weights, under ZeRO-3 too (no second copy of the model). Restores student mode on exit."""
+    converted = [module for module in peft_model.modules() if isinstance(module, HybridAttention)]
+    if not converted:
+        raise ValueError("peft_model: no converted (hybrid) attention layers; it has no teacher view")
+    with peft_model.disable_adapter():
+        for module in converted:
+            module.set_mode("teacher")
+        try:
+            yield peft_model
+        finally:
+            for module in converted:
+                module.set_mode("student")
 
 
 def merge_lora(peft_model: PeftModel) -> nn.Module:

@@ -263,6 +263,9 @@ class TransferConfig:
                 raise ConfigError(f"transfer.{key}: must be positive, got {getattr(self, key)}")
 
 
+OBJECTIVES = ("next_token", "distill")
+
+
 @dataclass(kw_only=True)
 class FinetuneConfig:
     """Stage 2: LoRA on q,k,v,o with DeepSpeed; feature maps and gamma frozen."""
@@ -286,8 +289,15 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
     """Recompute decoder layers in the backward: less activation memory (needed at 70B), ~1/3 more compute."""
+    objective: str = "next_token"
+    """'next_token' (the paper: cross-entropy on the training rows) or 'distill': token-level KL(teacher ||
+    student) on the same rows, the teacher being the converted model itself with its adapters off and its converted
+    layers in softmax mode, so no second copy is loaded (one extra no-grad forward per micro-batch). Distillation
+    pulls the model toward the original's predictions everywhere instead of toward the training text's domain."""
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"finetune.objective: {self.objective!r} is not one of {list(OBJECTIVES)}")
         if self.schedule not in ("plateau", "cosine"):
             raise ConfigError(f"finetune.schedule: {self.schedule!r} is not one of ['plateau', 'cosine']")
         if self.warmup_steps < 0 or self.patience <= 0 or self.min_lr < 0:

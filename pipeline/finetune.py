@@ -3,7 +3,8 @@
 Input (the stitch stage's contract): RUN/stitched/hybrid.safetensors (feature maps and gamma, keys
 `layers.N.feature_map_q.weight` ..., global layer indices) and RUN/stitched/stitched.json
 ({"model": ModelConfig as a dict, "attention": {window_size, window_kind, feature_dim, gamma_init},
-"base_model_sha256": ...}). Training: next-token loss on packed ShareGPT rows, DeepSpeed ZeRO-2 or 3
+"base_model_sha256": ...}). Training: next-token loss on packed ShareGPT rows (or, with finetune.objective
+'distill', KL to the original model's predictions on them, see Stage2Worker._loss), DeepSpeed ZeRO-2 or 3
 (`finetune.zero_stage`), bf16 on GPU and fp32 on CPU, gradient accumulation, global-norm clipping, AdamW
 (weight decay 0), LR warmup then plateau (the paper's ReduceLROnPlateau: x0.1 after `patience` evals
 without improvement, floor min_lr) or cosine, periodic eval on the validation split, best-eval selection.
@@ -56,7 +57,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from blocks.convert import AttentionSettings, convert_model, load_hybrid_state_dict
-from blocks.lora import LoraSettings, adapter_files, add_lora, lora_parameters
+from blocks.lora import LoraSettings, adapter_files, add_lora, lora_parameters, teacher_view
 
 from .config import ModelConfig, RunConfig
 from .rundir import RunDir
@@ -387,6 +388,8 @@ class TrainOptions:
     """Fault injection for tests: rank 0 SIGKILLs itself after finishing this optimizer step."""
     faults: tuple[Fault, ...] = ()
     """Fault injection from $LINEARIZE_FAULT (each fires once per run directory)."""
+    objective: str = "next_token"
+    """'next_token' or 'distill' (pipeline.config.FinetuneConfig.objective)."""
     return_weights: bool = False
     """Return every rank's view of the final LoRA weights (tests: equal across ranks)."""
 
@@ -405,7 +408,7 @@ def train_options(run: RunDir, config: RunConfig, plan: dict, use_gpu: bool, **e
         min_lr=cfg.min_lr, patience=cfg.patience, grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
         lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}, seed=config.seed,
-        use_gpu=use_gpu, gradient_checkpointing=cfg.gradient_checkpointing, **extra)
+        use_gpu=use_gpu, gradient_checkpointing=cfg.gradient_checkpointing, objective=cfg.objective, **extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -512,6 +515,29 @@ def _seed_for(seed: int, step: int, slot: int) -> int:
     return (seed * 1_000_003 + step * 65_537 + slot) % (2**63 - 1)
 
 
+def distillation_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                          rows_per_chunk: int = 1) -> torch.Tensor:
+    """KL(teacher || student) between the next-token distributions at every position: [batch, length], fp32.
+
+    Computed a few rows at a time so that only one chunk's fp32 softmaxes exist beside the logits (a 16k-token
+    micro-batch at a 49k vocabulary is 3.2 GB per fp32 copy)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"teacher_logits: shape {tuple(teacher_logits.shape)} differs from the student's "
+                         f"{tuple(student_logits.shape)}")
+    rows = []
+    for first in range(0, student_logits.shape[0], rows_per_chunk):
+        student = F.log_softmax(student_logits[first:first + rows_per_chunk].float(), dim=-1)
+        teacher = F.log_softmax(teacher_logits[first:first + rows_per_chunk].float(), dim=-1)
+        rows.append(F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1))
+    return torch.cat(rows)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      rows_per_chunk: int = 1) -> torch.Tensor:
+    """Stage 2's 'distill' objective: the token mean of distillation_token_kl."""
+    return distillation_token_kl(student_logits, teacher_logits, rows_per_chunk).mean()
+
+
 def train_worker(options: TrainOptions) -> dict:
     """Train (or resume) on this rank until options.total_steps; returns this rank's summary."""
     return Stage2Worker(options).run()
@@ -604,8 +630,9 @@ class Stage2Worker:
         return weights, moments
 
     def evaluate(self) -> float:
-        """Mean next-token loss over the validation rows, split across ranks. Every rank runs the same number
-        of forwards (ZeRO-3 gathers parameters collectively inside each); rows past the end count zero."""
+        """Mean of the objective (next-token CE, or KL from the original model) over the validation rows, split
+        across ranks; it picks the best adapter. Every rank runs the same number of forwards (ZeRO-3 gathers
+        parameters collectively inside each); rows past the end count zero."""
         self.engine.eval()
         micro = self.options.micro_batch_size
         rows = self.validation_rows
@@ -616,14 +643,30 @@ class Stage2Worker:
                 index = torch.arange(first, first + micro)
                 real = (index < rows.shape[0]).to(self.device)
                 batch = rows[index.clamp(max=rows.shape[0] - 1)].to(self.device)
-                logits = self.engine(input_ids=batch).logits.float()
-                token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-                token_loss = token_loss.view(batch.shape[0], -1)
+                token_loss = self._token_losses(batch)
                 total += torch.tensor([(token_loss.sum(-1) * real).sum().item(),
                                        real.sum().item() * token_loss.shape[1]], dtype=torch.float64, device=self.device)
         self.dist.all_reduce(total)
         self.engine.train()
         return (total[0] / total[1]).item()
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """The training objective on one micro-batch: next-token cross-entropy, or (distill) the token-mean KL
+        from the original model, whose logits come from a no-grad forward of the same engine in its teacher view."""
+        if self.options.objective == "next_token":
+            return self.engine(input_ids=batch, labels=batch).loss
+        return self._token_losses(batch).mean()
+
+    def _token_losses(self, batch: torch.Tensor) -> torch.Tensor:
+        """Per-token values of the objective, [rows, positions]: CE of each next token, or KL at each position."""
+        logits = self.engine(input_ids=batch).logits
+        if self.options.objective == "next_token":
+            logits = logits.float()
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
+                                   reduction="none").view(batch.shape[0], -1)
+        with torch.no_grad(), teacher_view(self.engine.module):
+            teacher_logits = self.engine(input_ids=batch).logits
+        return distillation_token_kl(logits, teacher_logits)
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch's rows (this rank's micro-batches of it)."""
@@ -638,7 +681,7 @@ class Stage2Worker:
             first = step * options.global_batch + slot * options.micro_batch_size
             batch = self.train_rows[first:first + options.micro_batch_size].to(self.device)
             torch.manual_seed(_seed_for(options.seed, step, slot))
-            loss = self.engine(input_ids=batch, labels=batch).loss
+            loss = self._loss(batch)
             self.engine.backward(loss)
             self.engine.step()  # applies the update at the accumulation boundary only
             losses.append(loss.detach().float().cpu())
@@ -701,7 +744,8 @@ class Stage2Worker:
 
         final_weights, _ = _gather_full(self.engine, self.params, with_optimizer=False)
         best_weights = self.best_weights if self.best_weights is not None else final_weights
-        result = {"steps": options.total_steps, "world_size": self.world_size, "best": self.best,
+        result = {"steps": options.total_steps, "world_size": self.world_size, "objective": options.objective,
+                  "best": self.best,
                   "history": self.history, "ranks": self._rank_stats()}
         if self.rank == 0:
             for name, data in adapter_files(self.model, best_weights).items():

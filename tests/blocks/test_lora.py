@@ -15,6 +15,7 @@ from blocks.lora import (
     lora_parameters,
     lora_target_modules,
     merge_lora,
+    teacher_view,
 )
 from tests.conftest import tiny_llama_config
 
@@ -63,6 +64,29 @@ def test_only_lora_trains_and_starts_as_the_identity():
     peft_model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in params.items() if "lora_A" in n or "lora_B" in n)
     assert all(p.grad is None for p in frozen.values())
+
+
+def test_teacher_view_computes_the_original_model_and_restores_the_student():
+    """Stage 2's distillation teacher: the converted model with LoRA off and softmax attention is the original."""
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(tiny_llama_config(num_layers=3)).eval()
+    ids = tokens()
+    with torch.no_grad():
+        expected = original(ids).logits
+    convert_model(original, SETTINGS, layers=[0, 2])  # converts in place: `original` is now the student
+    peft_model = add_lora(original, LoraSettings(r=4, alpha=8))
+    randomize_lora(peft_model)
+    with torch.no_grad():
+        student = peft_model(ids).logits
+        with teacher_view(peft_model):
+            teacher = peft_model(ids).logits
+        after = peft_model(ids).logits
+    torch.testing.assert_close(teacher, expected, rtol=1e-5, atol=1e-5)
+    assert (student - expected).abs().max() > 1e-2  # the converted, adapted model really differs
+    torch.testing.assert_close(after, student, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no converted"):
+        with teacher_view(torch.nn.Linear(2, 2)):
+            pass
 
 
 def test_seeded_init_is_reproducible_and_leaves_the_global_rng_alone():

@@ -17,13 +17,14 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from blocks.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_files  # noqa: E402
+from blocks.lora import (  # noqa: E402
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, add_lora, load_adapter_files, lora_parameters, teacher_view)
 from cluster.deepspeed_worker import DeepSpeedWorkerGroup, WorkerGroupError  # noqa: E402
 from pipeline import finetune  # noqa: E402
 from pipeline.finetune import (  # noqa: E402
     ADAPTER_DIR, LATEST, RESULT, STITCHED_META, VALIDATION_DATA, finetune_faults, latest_checkpoint, load_stitched,
     run_finetune)
-from pipeline.stages import FAULT_ENV, Fault, parse_faults  # noqa: E402
+from pipeline.stages import FAULT_ENV, Fault, parse_faults, read_run_config  # noqa: E402
 from tests.pipeline.tiny_run import make_model_dir, make_tiny_run  # noqa: E402
 
 TRAIN_ROWS = 24  # 6 optimizer steps of 4 rows with two workers (micro 1 x accumulation 2 x 2)
@@ -319,3 +320,52 @@ def test_plan_fixes_the_global_batch_and_resume_needs_a_dividing_worker_count(tm
         finetune.accumulation_steps(4, 1, 3)
     with pytest.raises(ValueError, match="train_tokens"):
         finetune.make_plan(config, world_size=64)
+
+
+def test_distillation_loss_is_the_token_mean_kl_in_any_chunking():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    p = teacher.softmax(-1)
+    expected = (p * (p.log() - student.log_softmax(-1))).sum(-1).mean()
+    for rows in (1, 2, 3):
+        torch.testing.assert_close(finetune.distillation_loss(student, teacher, rows_per_chunk=rows), expected)
+    assert finetune.distillation_loss(teacher, teacher).abs() < 1e-6
+    with pytest.raises(ValueError, match="differs from the student"):
+        finetune.distillation_loss(student, teacher[:, :4])
+
+
+def _kl_to_teacher(run, weights: dict | None, rows: torch.Tensor | None = None) -> float:
+    """KL(original || converted + LoRA) over `rows` (default: the run's training rows); weights=None: LoRA zero."""
+    model = add_lora(load_stitched(run).model, LoraSettings(r=4, alpha=8)).eval()
+    if weights is not None:
+        with torch.no_grad():
+            for name, param in lora_parameters(model).items():
+                param.copy_(weights[name])
+    rows = finetune._read_rows(run, finetune.TRAIN_DATA) if rows is None else rows
+    with torch.no_grad():
+        with teacher_view(model):
+            teacher = model(input_ids=rows).logits
+        return finetune.distillation_loss(model(input_ids=rows).logits, teacher).item()
+
+
+def test_distill_objective_under_zero3_pulls_the_model_toward_its_teacher(tmp_path_factory, model_dir, groups,
+                                                                         undisturbed):
+    """finetune.objective=distill on two ZeRO-3 ranks (the teacher view gathers partitioned weights): the KL to the
+    original model falls on the rows it trained on (and rises under next-token training); the eval loss is that KL."""
+    run_dir = tmp_path_factory.mktemp("distill") / "run"
+    run = make_tiny_run(str(run_dir), model_dir, zero_stage=3, train_rows=TRAIN_ROWS,
+                        finetune=dict(FINETUNE, objective="distill"))
+    assert read_run_config(run).finetune.objective == "distill"
+    result = run_finetune(run.url, workers=groups(2), max_restarts=0, return_weights=True)
+    assert result["objective"] == "distill"
+    before, after = _kl_to_teacher(run, None), _kl_to_teacher(run, result["final_weights"])
+    # The first step's train loss is this KL on its own rows, with the LoRA still at zero.
+    assert math.isclose(result["history"][1]["train_loss"], before, rel_tol=0.5)
+    # The eval loss (which picks the best adapter) is the same KL on the validation rows: at step 0, LoRA zero.
+    validation = finetune._read_rows(run, VALIDATION_DATA)
+    assert math.isclose(result["history"][0]["eval_loss"], _kl_to_teacher(run, None, validation), rel_tol=1e-4)
+    # Same stitched model and rows trained on the next-token objective: the rows' narrow token set pulls the model
+    # away from the original (KL 0.97 -> 2.69 when written), where distillation pulls it closer (0.97 -> 0.86).
+    next_token_run, next_token = undisturbed[3]
+    moved_away = _kl_to_teacher(next_token_run, next_token["final_weights"])
+    assert after < 0.95 * before < moved_away, (before, after, moved_away)
