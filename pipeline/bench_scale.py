@@ -182,7 +182,8 @@ def summarize(run_dir: Path) -> dict:
                                                       "tokens", "bytes_written", "peak_gpu_bytes", "started_at",
                                                       "ended_at")} for c in blocks["collect"]],
             "transfer": [{"block": t["block"], "layers": t["layers"], **{key: t["attempt"].get(key) for key in (
-                "wall_s", "load_s", "train_s", "eval_s", "first_micro_step_s", "first_eval_s", "tokens_per_s",
+                "wall_s", "load_s", "build_s", "validation_read_s", "train_s", "eval_s", "first_micro_step_s",
+                "first_eval_s", "tokens_per_s",
                 "peak_gpu_bytes", "resumed_from_micro_step", "started_at", "ended_at")},
                 "micro_steps": t["micro_steps"]} for t in transfers],
         }

@@ -532,12 +532,15 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
             run.remove(f"{folder}/{name}")
 
     seq_len, batch = config.data.seq_len, settings.micro_batch_size
+    t0 = time.perf_counter()
     trainer = _block_trainer(config, start, end, converted, dtype, device)
+    build_s = time.perf_counter() - t0
     try:
         validation = [(h.clone(), p.clone()) for h, p, _ in
                       BoundaryCache(run, "validation").reader(start).iter_rows(batch_size=batch)]
     except CacheCorruptError as error:
         return _corrupt("validation", error, block=block)
+    validation_read_s = time.perf_counter() - t0 - build_s
 
     def evaluate() -> dict:
         t0 = time.perf_counter()
@@ -564,6 +567,11 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
         pending.append(_eval_record(block, trainer, evaluate()))
     resumed_from, tokens_at_start = trainer.micro_steps, tokens
     load_s = time.perf_counter() - started
+    # Said as it happens (Ray forwards a task's stdout to the driver's log): a run killed mid-block still shows
+    # where the block's time before training went (a cold start measured minutes on a GPU, docs/results.md 8).
+    first_eval = "" if timing["first_eval_s"] is None else f", first evaluation {timing['first_eval_s']:.1f} s"
+    print(f"transfer block {block}: layers built in {build_s:.1f} s, validation rows read in {validation_read_s:.1f} s"
+          f"{first_eval}; training starts {load_s:.1f} s after the task did", flush=True)
 
     reader = BoundaryCache(run, "train").reader(start)
     bar = _bar(progress, math.ceil(reader.num_rows / batch), f"transfer B{block:03d} L{start}-{end - 1}", block,
@@ -577,6 +585,7 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
                 metrics = trainer.train_micro_batch(hidden.to(device=device, dtype=dtype), positions.to(device))
                 if timing["first_micro_step_s"] is None:
                     timing["first_micro_step_s"] = time.perf_counter() - t0
+                    print(f"transfer block {block}: first micro-step {timing['first_micro_step_s']:.1f} s", flush=True)
                 position, tokens = after, tokens + hidden.shape[0] * seq_len
                 window.append(metrics)
                 bar.update(1)
@@ -620,7 +629,8 @@ def transfer_block(run_url: str, block: int, *, device: str = "cpu", threads: in
         "best_optimizer_step": best["optimizer_step"], "optimizer_steps": trainer.optimizer_steps,
         "micro_steps": trainer.micro_steps, "tokens": tokens, "stopped_early": stopped_early,
         "evaluations": len(trainer.history),
-        "attempt": {"resumed_from_micro_step": resumed_from, "tokens": trained, "load_s": load_s,
+        "attempt": {"resumed_from_micro_step": resumed_from, "tokens": trained, "load_s": load_s, "build_s": build_s,
+                    "validation_read_s": validation_read_s,
                     "train_s": timing["train_s"], "eval_s": timing["eval_s"],
                     "first_micro_step_s": timing["first_micro_step_s"], "first_eval_s": timing["first_eval_s"],
                     "tokens_per_s": trained / timing["train_s"] if timing["train_s"] else None,

@@ -61,6 +61,9 @@ def test_plan_state_and_cache_layout(reference):
         attempt = task["attempt"]
         assert 0 < attempt["first_micro_step_s"] <= attempt["train_s"]
         assert 0 < attempt["first_eval_s"] <= min(attempt["eval_s"], attempt["load_s"])
+        # The time before training, split: building the layers, reading the validation rows, the first evaluation.
+        assert 0 < attempt["build_s"] and 0 <= attempt["validation_read_s"]
+        assert attempt["build_s"] + attempt["validation_read_s"] + attempt["first_eval_s"] <= attempt["load_s"]
 
 
 def test_boundaries_are_the_teachers_raw_residual_stream(reference):
@@ -200,6 +203,20 @@ def test_scale_proof_reruns_transfer_alone_on_a_linked_copy_of_the_cache(referen
     after = load_safetensors_bytes((target / "blocks/B001/final.safetensors").read_bytes())
     for key in before:  # the same cache and seed: the same trained feature maps
         torch.testing.assert_close(after[key], before[key])
+
+
+def test_a_block_says_where_its_time_before_training_went(reference, tmp_path, capsys):
+    """Printed as it happens (a killed run's log still has it) and kept in the result's attempt."""
+    from pipeline.bench_scale import copy_for_transfer
+    from pipeline.stages import transfer_block
+
+    target = tmp_path / "one-block"
+    copy_for_transfer(Path(reference.url), target)
+    attempt = transfer_block(str(target), 1)["attempt"]
+    out = capsys.readouterr().out
+    assert (f"transfer block 1: layers built in {attempt['build_s']:.1f} s, validation rows read in "
+            f"{attempt['validation_read_s']:.1f} s, first evaluation {attempt['first_eval_s']:.1f} s") in out
+    assert f"transfer block 1: first micro-step {attempt['first_micro_step_s']:.1f} s" in out
 
 
 def test_start_waits_from_the_session6_70b_run():
