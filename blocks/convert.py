@@ -31,6 +31,7 @@ class AttentionSettings:
     feature_dim: int = 64
     gamma_init: float = 0.1
     implementation: str = "auto"
+    feature_dtype: str = "float32"
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -80,7 +81,7 @@ def convert_layers(layers: nn.ModuleList, model_config, settings: AttentionSetti
         layer.self_attn = HybridAttention(
             layer.self_attn, num_heads, num_kv_heads, head_dim, window_size=settings.window_size,
             window_kind=settings.window_kind, feature_dim=settings.feature_dim, gamma_init=settings.gamma_init,
-            implementation=settings.implementation)
+            implementation=settings.implementation, feature_dtype=settings.feature_dtype)
     return chosen
 
 

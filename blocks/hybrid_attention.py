@@ -132,10 +132,13 @@ class HybridAttention(nn.Module):
 
     def __init__(self, base_attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  window_size: int = 64, window_kind: str = "terrace", feature_dim: int = 64,
-                 gamma_init: float = 0.1, implementation: str = "auto"):
+                 gamma_init: float = 0.1, implementation: str = "auto", feature_dtype: str = "float32"):
         super().__init__()
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation: {implementation!r} is not one of {IMPLEMENTATIONS}")
+        if feature_dtype not in ("float32", "model"):
+            raise ValueError(f"feature_dtype: {feature_dtype!r} is not 'float32' or 'model'")
+        self.feature_dtype = feature_dtype
         self.layer_idx = getattr(base_attention, "layer_idx", None)
         self.q_proj, self.k_proj = base_attention.q_proj, base_attention.k_proj
         self.v_proj, self.o_proj = base_attention.v_proj, base_attention.o_proj
@@ -186,6 +189,9 @@ class HybridAttention(nn.Module):
         if fn is None:
             from kernels.hybrid_attention.triton_api import triton_hybrid_attention
             fn = triton_hybrid_attention
+            if self.feature_dtype == "model":
+                # The kernels compute in the widest input dtype: fp32 features would take bf16 q, k, v to fp32 too.
+                q_feat, k_feat = q_feat.to(q.dtype), k_feat.to(q.dtype)
         return fn(q, k, v, q_feat, k_feat, self.gamma, window_size=self.window_size, window_kind=self.window_kind)
 
     def _generate(self, q, k, v, cache: HybridCache) -> torch.Tensor:

@@ -28,6 +28,7 @@ import yaml
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 WINDOW_KINDS = ("sliding", "terrace")
+FEATURE_DTYPES = ("float32", "model")
 
 
 class ConfigError(ValueError):
@@ -204,6 +205,11 @@ class AttentionConfig:
     convert worst (reference/peers.md). Those layers keep a KV cache that grows with the context."""
     init_from: str | None = None
     """Optional checkpoint of trained feature maps (safetensors); its feature dim must match feature_dim."""
+    feature_dtype: str = "float32"
+    """dtype of the Hedgehog features given to the Triton kernels. 'float32' (every run up to session 8): the kernels
+    promote q, k, v to it and compute with exact fp32 dots. 'model': cast to the model's dtype (bf16 on a GPU), the
+    tensor-core path the kernel benchmark times and the dtype the paper's code computes them in. The CPU paths and
+    the exported model compute in fp32 either way."""
 
     def __post_init__(self) -> None:
         if self.window_size <= 0:
@@ -216,6 +222,8 @@ class AttentionConfig:
         if not 0.0 < self.gamma_init < 1.0:
             raise ConfigError(f"attention.gamma_init: must lie strictly between 0 and 1 (it is a sigmoid), "
                               f"got {self.gamma_init}")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"attention.feature_dtype: {self.feature_dtype!r} is not one of {list(FEATURE_DTYPES)}")
 
 
 @dataclass(kw_only=True)

@@ -144,7 +144,7 @@ def split_rows(config: RunConfig) -> dict[str, int]:
 def attention_settings(config: RunConfig) -> AttentionSettings:
     a = config.attention
     return AttentionSettings(window_size=a.window_size, window_kind=a.window_kind, feature_dim=a.feature_dim,
-                             gamma_init=a.gamma_init)
+                             gamma_init=a.gamma_init, feature_dtype=a.feature_dtype)
 
 
 def _setup_worker(device: str, threads: int | None) -> torch.dtype:
@@ -751,7 +751,7 @@ def stitch(run_url: str | RunDir) -> dict:
     a = config.attention
     meta = {"model": _model_dict(config.model),
             "attention": {"window_size": a.window_size, "window_kind": a.window_kind, "feature_dim": a.feature_dim,
-                          "gamma_init": a.gamma_init},
+                          "gamma_init": a.gamma_init, "feature_dtype": a.feature_dtype},
             "base_model_sha256": base_model_sha256(config.model),
             "layers": config.model.num_layers,
             "converted_layers": ctx.converted_layers,

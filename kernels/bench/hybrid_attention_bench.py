@@ -61,6 +61,7 @@ SHAPES = {
     "smollm2-135m": dict(num_q_heads=9, num_kv_heads=3, head_dim=64),
 }
 FEATURE_DIM = 128  # Hedgehog: [softmax(xW) ‖ softmax(−xW)] with W of 64 columns
+FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 INPUT_NAMES = ("q", "k", "v", "q_feat", "k_feat", "gamma")
 # RMS error / RMS of the fp32 reference allowed for the bf16 kernels, as in the GPU tests. dγ sums E·dP
 # over every token and cancels heavily; its error comes from δ = dy·y read from the bf16 output.
@@ -75,7 +76,9 @@ DEVICE = "cuda"  # a dry run of the script's logic may set "cpu" under TRITON_IN
 # ----------------------------------------------------------------------------------------------
 
 
-def make_inputs(batch, shape, num_tokens, seed=0, dtype=torch.bfloat16):
+def make_inputs(batch, shape, num_tokens, seed=0, dtype=torch.bfloat16, feature_dtype=None):
+    """bf16 inputs; feature_dtype=torch.float32 gives fp32 features beside bf16 q, k, v, as the pipeline's Hedgehog
+    maps hand them over with attention.feature_dtype 'float32' (the kernels then compute in fp32)."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
 
@@ -84,7 +87,7 @@ def make_inputs(batch, shape, num_tokens, seed=0, dtype=torch.bfloat16):
 
     def features():
         x = randn(batch, num_q_heads, num_tokens, FEATURE_DIM // 2) * 2
-        return torch.cat([x.softmax(-1), (-x).softmax(-1)], dim=-1).to(dtype)
+        return torch.cat([x.softmax(-1), (-x).softmax(-1)], dim=-1).to(feature_dtype or dtype)
 
     return dict(
         q=randn(batch, num_q_heads, num_tokens, head_dim).to(dtype),
@@ -266,7 +269,7 @@ def run_training(args, bench, ceilings) -> list[dict]:
         shape = SHAPES[shape_name]
         for num_tokens in args.seq_lens:
             batch = max(1, args.tokens // num_tokens)
-            inputs = make_inputs(batch, shape, num_tokens)
+            inputs = make_inputs(batch, shape, num_tokens, feature_dtype=FEATURE_DTYPES[args.feature_dtype])
             tensors = [inputs[n] for n in INPUT_NAMES]
             base = dict(shape=shape_name, T=num_tokens, B=batch, window_size=args.window_size)
             for window_kind in args.window_kinds:
@@ -415,6 +418,9 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-contexts", nargs="+", type=int, help="context lengths of the decode table")
     parser.add_argument("--decode-batch", type=int, default=8, help="sequences per decode step")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
+    parser.add_argument("--feature-dtype", choices=sorted(FEATURE_DTYPES), default="bfloat16",
+                        help="dtype of q_feat/k_feat (float32: the pipeline's path with attention.feature_dtype "
+                             "'float32', which takes every operand to fp32)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case (ms)")
     parser.add_argument("--launch-table", metavar="TUNE_JSON",
                         help="apply the 'table' of a kernels.bench.hybrid_attention_tune JSON (load_launch_table)")
@@ -454,7 +460,7 @@ def main(argv=None) -> int:
         python=platform.python_version(),
         command=" ".join([sys.executable, "-m", "kernels.bench.hybrid_attention_bench", *sys.argv[1:]]),
         settings=dict(tokens=args.tokens, window_size=args.window_size, chunk_size=args.chunk_size,
-                      feature_dim=FEATURE_DIM, dtype="bfloat16", check_ratios=dict(CHECK_RATIOS, other=CHECK_RATIO),
+                      feature_dim=FEATURE_DIM, dtype="bfloat16", feature_dtype=args.feature_dtype, check_ratios=dict(CHECK_RATIOS, other=CHECK_RATIO),
                       flops=("hybrid 4·D·W̄ + 4·F·D, flex 4·D·W̄, sdpa causal 2·D·T, quadratic (4·D + 2·F)·T "
                              "per query head and token; backward = 2.5× forward"),
                       shapes={name: SHAPES[name] for name in args.shapes},

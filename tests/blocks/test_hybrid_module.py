@@ -212,6 +212,36 @@ def test_auto_implementation_resolves_by_device_and_warns_when_a_gpu_falls_back(
         assert hybrid_attention.resolve_implementation("auto", on_cuda=True) == "blocked"
 
 
+@pytest.mark.parametrize("feature_dtype", ["float32", "model"])
+def test_feature_dtype_sets_what_the_triton_kernels_compute_in(monkeypatch, feature_dtype):
+    """attention.feature_dtype: fp32 features take bf16 q, k, v to fp32 in the kernels (the pipeline's path up to
+    session 8); 'model' hands them over in bf16 (the benchmarked path). Both give the reference's logits to bf16
+    rounding (CPU interpreter, which computes bf16 in fp32 inside the kernels)."""
+    from kernels.hybrid_attention import triton_api
+
+    seen = []
+    real = triton_api.triton_hybrid_attention
+
+    def spy(q, k, v, q_feat, k_feat, *args, **kwargs):
+        seen.append((q.dtype, q_feat.dtype, k_feat.dtype))
+        return real(q, k, v, q_feat, k_feat, *args, **kwargs)
+
+    monkeypatch.setattr(triton_api, "triton_hybrid_attention", spy)
+    model = make_model(num_layers=1).to(torch.bfloat16)
+    convert_model(model, AttentionSettings(window_size=8, feature_dim=8, implementation="triton",
+                                           feature_dtype=feature_dtype))
+    ids = tokens(40)
+    with torch.no_grad():
+        fast = model(ids).logits.float()
+        hybrid_modules(model)[0].implementation = "quadratic"
+        reference = model(ids).logits.float()
+    features = torch.float32 if feature_dtype == "float32" else torch.bfloat16
+    assert seen == [(torch.bfloat16, features, features)]
+    assert ((fast - reference).norm() / reference.norm()).item() < 3e-2
+    with pytest.raises(ValueError, match="feature_dtype: 'fp16' is not"):
+        convert_model(make_model(num_layers=1), AttentionSettings(feature_dtype="fp16"))
+
+
 def test_kernels_package_does_not_look_like_the_hub_kernels_package():
     """transformers probes for an optional package named `kernels`; ours must not switch that on."""
     import subprocess

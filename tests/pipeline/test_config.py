@@ -47,6 +47,7 @@ BASE = {"model": "smollm2-135m", "recipe": "smoke"}
     ({"transfer": {"layers_per_block": 31}}, r"transfer\.layers_per_block: 31 is outside 1\.\.30"),
     ({"attention": {"window_kind": "global"}}, r"attention\.window_kind: 'global' is not one of"),
     ({"finetune": {"zero_stage": 1}}, r"finetune\.zero_stage: 1 is not supported; use 2 or 3"),
+    ({"attention": {"feature_dtype": "bf16"}}, r"attention\.feature_dtype: 'bf16' is not one of \['float32', 'model'\]"),
     ({"finetune": {"objective": "kd"}}, r"finetune\.objective: 'kd' is not one of \['next_token', 'distill'\]"),
     ({"attention": {"layers": [0, 30]}}, r"attention\.layers: index 30 does not exist"),
     ({"attention": {"keep_softmax": [-31]}}, r"attention\.keep_softmax: index -31 does not exist"),
