@@ -2,7 +2,7 @@
 
 Input (the stitch stage's contract): RUN/stitched/hybrid.safetensors (feature maps and gamma, keys
 `layers.N.feature_map_q.weight` ..., global layer indices) and RUN/stitched/stitched.json
-({"model": ModelConfig as a dict, "attention": {window_size, window_kind, feature_dim, gamma_init},
+({"model": ModelConfig as a dict, "attention": {window_size, window_kind, feature_dim, gamma_init, feature_dtype},
 "base_model_sha256": ...}). Training: next-token loss on packed ShareGPT rows (or, with finetune.objective
 'distill', KL to the original model's predictions on them, see Stage2Worker._loss), DeepSpeed ZeRO-2 or 3
 (`finetune.zero_stage`), bf16 on GPU and fp32 on CPU, gradient accumulation, global-norm clipping, AdamW
@@ -532,12 +532,6 @@ def distillation_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Te
     return torch.cat(rows)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      rows_per_chunk: int = 1) -> torch.Tensor:
-    """Stage 2's 'distill' objective: the token mean of distillation_token_kl."""
-    return distillation_token_kl(student_logits, teacher_logits, rows_per_chunk).mean()
-
-
 def train_worker(options: TrainOptions) -> dict:
     """Train (or resume) on this rank until options.total_steps; returns this rank's summary."""
     return Stage2Worker(options).run()
@@ -745,8 +739,7 @@ class Stage2Worker:
         final_weights, _ = _gather_full(self.engine, self.params, with_optimizer=False)
         best_weights = self.best_weights if self.best_weights is not None else final_weights
         result = {"steps": options.total_steps, "world_size": self.world_size, "objective": options.objective,
-                  "best": self.best,
-                  "history": self.history, "ranks": self._rank_stats()}
+                  "best": self.best, "history": self.history, "ranks": self._rank_stats()}
         if self.rank == 0:
             for name, data in adapter_files(self.model, best_weights).items():
                 self.run_dir.write_bytes(f"{ADAPTER_DIR}/{name}", data)

@@ -983,7 +983,7 @@ def _stage1_rows(run: dict, cand: Candidate, model: ModelConfig, workload: Workl
         rows.append(_check_row(f"collect: chain of {cand.num_blocks} tasks (s)", cand.times["collect_s"],
                                _field(run, "blocks.collect_wall_s", source)))
     rows += _block_rows(transfers, model, workload, hardware, source, note)
-    if with_collect:
+    if with_collect and transfers:  # a run stopped after collect (`--until collect`) has no stage-1 wall
         rows.append(_check_row("collect + transfer wall (s)", cand.times["wall_s"],
                                _field(run, "blocks.wall_s", source),
                                f"faults fired: {', '.join(faults)}" if faults else ""))

@@ -460,7 +460,8 @@ def main(argv=None) -> int:
         python=platform.python_version(),
         command=" ".join([sys.executable, "-m", "kernels.bench.hybrid_attention_bench", *sys.argv[1:]]),
         settings=dict(tokens=args.tokens, window_size=args.window_size, chunk_size=args.chunk_size,
-                      feature_dim=FEATURE_DIM, dtype="bfloat16", feature_dtype=args.feature_dtype, check_ratios=dict(CHECK_RATIOS, other=CHECK_RATIO),
+                      feature_dim=FEATURE_DIM, dtype="bfloat16", feature_dtype=args.feature_dtype,
+                      check_ratios=dict(CHECK_RATIOS, other=CHECK_RATIO),
                       flops=("hybrid 4·D·W̄ + 4·F·D, flex 4·D·W̄, sdpa causal 2·D·T, quadratic (4·D + 2·F)·T "
                              "per query head and token; backward = 2.5× forward"),
                       shapes={name: SHAPES[name] for name in args.shapes},

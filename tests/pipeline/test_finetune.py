@@ -328,10 +328,11 @@ def test_distillation_loss_is_the_token_mean_kl_in_any_chunking():
     p = teacher.softmax(-1)
     expected = (p * (p.log() - student.log_softmax(-1))).sum(-1).mean()
     for rows in (1, 2, 3):
-        torch.testing.assert_close(finetune.distillation_loss(student, teacher, rows_per_chunk=rows), expected)
-    assert finetune.distillation_loss(teacher, teacher).abs() < 1e-6
+        kl = finetune.distillation_token_kl(student, teacher, rows_per_chunk=rows)
+        torch.testing.assert_close(kl.mean(), expected)
+    assert finetune.distillation_token_kl(teacher, teacher).abs().max() < 1e-6
     with pytest.raises(ValueError, match="differs from the student"):
-        finetune.distillation_loss(student, teacher[:, :4])
+        finetune.distillation_token_kl(student, teacher[:, :4])
 
 
 def _kl_to_teacher(run, weights: dict | None, rows: torch.Tensor | None = None) -> float:
@@ -345,7 +346,7 @@ def _kl_to_teacher(run, weights: dict | None, rows: torch.Tensor | None = None) 
     with torch.no_grad():
         with teacher_view(model):
             teacher = model(input_ids=rows).logits
-        return finetune.distillation_loss(model(input_ids=rows).logits, teacher).item()
+        return finetune.distillation_token_kl(model(input_ids=rows).logits, teacher).mean().item()
 
 
 def test_distill_objective_under_zero3_pulls_the_model_toward_its_teacher(tmp_path_factory, model_dir, groups,
