@@ -248,6 +248,17 @@ def _assert_matches_quadratic(inputs, leaves, y, window_size, window_kind):
         assert_close(f"d{name}", grad, grad_ref, 1e-4)
 
 
+def _run_on_split_state_blocks(leaves, window_size, window_kind, chunk_size, fwd: dict, bwd: dict):
+    """The hybrid with the state kernels' blocks split (16 features x 16 or 32 columns per program), so their sums
+    run on several programs; `fwd` / `bwd` add LaunchConfig fields (super_chunk, scan_tiles) to state_fwd /
+    state_bwd."""
+    configs = dict(state_fwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=16, **fwd),
+                   state_bwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=32, **bwd))
+    with launch_configs(**configs):
+        return triton_hybrid_attention(**leaves, window_size=window_size, window_kind=window_kind,
+                                       chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize("batch,heads,num_tokens,head_dim,feature_dim,window_size,chunk_size,window_kind,"
                          "super_fwd,super_bwd", SUPER_CASES)
 def test_super_chunks_match_quadratic(poisoned, batch, heads, num_tokens, head_dim, feature_dim, window_size,
@@ -256,12 +267,8 @@ def test_super_chunks_match_quadratic(poisoned, batch, heads, num_tokens, head_d
     (16 features × 16 or 32 columns per program) so the super-chunk sums run on several programs."""
     inputs = make_inputs(batch, heads, num_tokens, head_dim, feature_dim, seed=num_tokens + super_fwd)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
-    configs = dict(
-        state_fwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=16, super_chunk=super_fwd),
-        state_bwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=32, super_chunk=super_bwd),
-    )
-    with launch_configs(**configs):
-        y = triton_hybrid_attention(**leaves, window_size=window_size, window_kind=window_kind, chunk_size=chunk_size)
+    y = _run_on_split_state_blocks(leaves, window_size, window_kind, chunk_size,
+                                   fwd=dict(super_chunk=super_fwd), bwd=dict(super_chunk=super_bwd))
     num_tiles = -(-num_tokens // chunk_size)
     stored = [shape for shape in poisoned if len(shape) == 4 and shape[-2:] == (feature_dim, head_dim)]
     assert stored[0][1] == -(-num_tiles // super_fwd), "the forward did not store one state per super-chunk"
@@ -288,12 +295,8 @@ def test_segmented_scans_match_quadratic(poisoned, batch, heads, num_tokens, hea
     tiles, on split state blocks (16 features × 16 or 32 columns per program)."""
     inputs = make_inputs(batch, heads, num_tokens, head_dim, feature_dim, seed=num_tokens + scan_tiles)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
-    configs = dict(
-        state_fwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=16, scan_tiles=scan_tiles),
-        state_bwd=LaunchConfig(num_warps=2, num_stages=1, block_f=16, block_d=32, scan_tiles=scan_tiles),
-    )
-    with launch_configs(**configs):
-        y = triton_hybrid_attention(**leaves, window_size=window_size, window_kind=window_kind, chunk_size=chunk_size)
+    y = _run_on_split_state_blocks(leaves, window_size, window_kind, chunk_size,
+                                   fwd=dict(scan_tiles=scan_tiles), bwd=dict(scan_tiles=scan_tiles))
     num_tiles = -(-num_tokens // chunk_size)
     segments = -(-num_tiles // min(scan_tiles, num_tiles))
     totals = [shape for shape in poisoned if len(shape) == 4 and shape[1:] == (segments, feature_dim, head_dim)]
