@@ -31,7 +31,7 @@ class AttentionSettings:
     feature_dim: int = 64
     gamma_init: float = 0.1
     implementation: str = "auto"
-    feature_dtype: str = "float32"
+    feature_dtype: str = "model"
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

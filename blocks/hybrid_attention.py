@@ -132,7 +132,7 @@ class HybridAttention(nn.Module):
 
     def __init__(self, base_attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  window_size: int = 64, window_kind: str = "terrace", feature_dim: int = 64,
-                 gamma_init: float = 0.1, implementation: str = "auto", feature_dtype: str = "float32"):
+                 gamma_init: float = 0.1, implementation: str = "auto", feature_dtype: str = "model"):
         super().__init__()
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation: {implementation!r} is not one of {IMPLEMENTATIONS}")

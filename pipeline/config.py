@@ -205,10 +205,11 @@ class AttentionConfig:
     convert worst (reference/peers.md). Those layers keep a KV cache that grows with the context."""
     init_from: str | None = None
     """Optional checkpoint of trained feature maps (safetensors); its feature dim must match feature_dim."""
-    feature_dtype: str = "float32"
-    """dtype of the Hedgehog features given to the Triton kernels. 'float32' (every run up to session 8): the kernels
-    promote q, k, v to it and compute with exact fp32 dots. 'model': cast to the model's dtype (bf16 on a GPU), the
-    tensor-core path the kernel benchmark times and the dtype the paper's code computes them in. The CPU paths and
+    feature_dtype: str = "model"
+    """dtype of the Hedgehog features given to the Triton kernels. 'model' (the default since session 9): cast to the
+    model's dtype (bf16 on a GPU), the tensor-core path the kernel benchmark times and the dtype the paper's code
+    computes them in. 'float32' (every run up to session 8): the kernels promote q, k, v to it and compute with exact
+    fp32 dots, 82x slower on an H100 for the same quality (docs/results.md section 7, session 9). The CPU paths and
     the exported model compute in fp32 either way."""
 
     def __post_init__(self) -> None:

@@ -98,7 +98,9 @@ def _read_stitched(run: RunDir) -> tuple[dict, dict[str, torch.Tensor], list[int
     meta = run.read_json(STITCHED_META)
     state = load_safetensors_bytes(run.read_bytes(STITCHED_WEIGHTS))
     layers = sorted({int(key.split(".")[1]) for key in state})
-    return meta, state, layers, ModelConfig(**meta["model"]), AttentionSettings(**meta["attention"])
+    # A stitched.json written before attention.feature_dtype existed was trained with fp32 features: keep them.
+    attention = AttentionSettings(**{"feature_dtype": "float32", **meta["attention"]})
+    return meta, state, layers, ModelConfig(**meta["model"]), attention
 
 
 def load_stitched(run: RunDir, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StitchedModel:

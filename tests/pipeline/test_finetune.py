@@ -371,3 +371,23 @@ def test_distill_objective_under_zero3_pulls_the_model_toward_its_teacher(tmp_pa
     next_token_run, next_token = undisturbed[3]
     moved_away = _kl_to_teacher(next_token_run, next_token["final_weights"])
     assert after < 0.95 * before < moved_away, (before, after, moved_away)
+
+
+@pytest.mark.parametrize("written, expected", [(None, "float32"), ("model", "model"), ("float32", "float32")])
+def test_stitched_state_keeps_the_feature_dtype_it_was_trained_with(tmp_path, written, expected):
+    """A stitched.json from before attention.feature_dtype existed was trained with fp32 features (the default then),
+    so stage 2 and eval keep fp32 for it although the default is now 'model'."""
+    from safetensors.torch import save
+
+    from pipeline.rundir import RunDir
+
+    attention = {"window_size": 64, "window_kind": "terrace", "feature_dim": 8, "gamma_init": 0.1}
+    if written is not None:
+        attention["feature_dtype"] = written
+    model = {"name": "tiny", "hf_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                           "intermediate_size": 32, "vocab_size": 64}}
+    run = RunDir(str(tmp_path))
+    run.write_json(finetune.STITCHED_META, {"model": model, "attention": attention})
+    run.write_bytes(finetune.STITCHED_WEIGHTS, save({"layers.0.window_logit": torch.zeros(2)}))
+    *_, settings = finetune._read_stitched(run)
+    assert settings.feature_dtype == expected

@@ -124,7 +124,7 @@ def test_stitch_writes_the_stage_two_contract(reference):
         for key, value in final.items():
             assert torch.equal(state[key], value), key
     meta = reference.read_json(STITCHED_META)
-    assert meta["attention"] == {**TINY["attention"], "feature_dtype": "float32"}
+    assert meta["attention"] == {**TINY["attention"], "feature_dtype": "model"}
     assert meta["model"]["name"] == "tiny-random"
     assert meta["layers"] == 4 and meta["converted_layers"] == [0, 1, 2, 3] and len(meta["base_model_sha256"]) == 64
     mse = reference.read_json(TRANSFER_MSE_JSON)
