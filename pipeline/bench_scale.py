@@ -145,6 +145,8 @@ def run_config(args) -> dict:
     return {
         "model": args.model,
         "recipe": "lolcats",
+        # Recorded, not left to the default, so `planner --check` knows which kernel path the run timed.
+        "attention": {"feature_dtype": args.feature_dtype},
         "cluster": {"name": args.hardware, "address": "local", "num_gpus": args.gpus,
                     "gpu_memory": args.gpu_memory, "host_memory": args.host_memory, "disk": args.disk},
         "data": {"seq_len": args.seq_len, "validation_sequences": 16, "eval_seq_len": args.seq_len,
@@ -337,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-checkpoint-every", type=int, default=5, help="stage-2 steps between checkpoints")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="stage 2 recomputes decoder layers in the backward (needed at 70B)")
+    parser.add_argument("--feature-dtype", default="model", choices=("model", "float32"),
+                        help="attention.feature_dtype (default %(default)s; float32 is the path of every run before "
+                             "session 9)")
     parser.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="export storage dtype (default %(default)s; at 70B fp32 is 280 GB: use bfloat16)")
     parser.add_argument("--faults", default="", help="LINEARIZE_FAULT for the run (default: none)")

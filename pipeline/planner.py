@@ -106,7 +106,11 @@ class Hardware:
     # Fitted on measured runs; None = not measured for this preset (the term is left out).
     stage1_attention_slowdown: float | None = None
     """Stage-1 step time beyond the teacher's GEMMs, over the modelled time of the chunked hybrid (its fp32 FLOPs
-    at fp32_tflops + its map passes at memory_GBps). A ratio to this machine's own rates."""
+    at fp32_tflops + its map passes at memory_GBps). A ratio to this machine's own rates. Measured with fp32
+    features (attention.feature_dtype 'float32'), which take the Triton kernels to fp32."""
+    stage1_attention_slowdown_model_features: float | None = None
+    """The same ratio with the features in the model dtype (attention.feature_dtype 'model', the default): the
+    kernels' bf16 path. None: stage1_attention_slowdown is used for both."""
     eval_step_fraction: float | None = None
     """Seconds of a stage-1 evaluation pass per token and layer (forward only, per-layer MSE read back), as a
     fraction of a training micro-step's per token and layer. A ratio."""
@@ -131,7 +135,7 @@ class Hardware:
     """The model preset of the run the fitted constants came from (`--check` marks its rows 'fit')."""
     source: str = ""
 
-    FITTED = ("stage1_attention_slowdown", "eval_step_fraction", "weight_build_params_per_s", "host_copy_GBps",
+    FITTED = ("stage1_attention_slowdown", "stage1_attention_slowdown_model_features", "eval_step_fraction", "weight_build_params_per_s", "host_copy_GBps",
               "cache_write_GBps", "task_overhead_s", "lora_efficiency", "lora_startup_params_per_s")
 
     @classmethod
@@ -166,7 +170,14 @@ class Hardware:
 
     def left_out(self) -> list[str]:
         """The fitted constants this preset lacks (their terms are not in its plans)."""
-        return [key for key in self.FITTED if getattr(self, key) is None and key != "cache_write_GBps"]
+        falls_back = ("cache_write_GBps", "stage1_attention_slowdown_model_features")
+        return [key for key in self.FITTED if getattr(self, key) is None and key not in falls_back]
+
+    def stage1_slowdown(self, feature_dtype: str) -> float | None:
+        """The stage-1 constant for runs whose features reach the kernels in `feature_dtype`."""
+        if feature_dtype == "model" and self.stage1_attention_slowdown_model_features is not None:
+            return self.stage1_attention_slowdown_model_features
+        return self.stage1_attention_slowdown
 
 
 def hardware_names() -> list[str]:
@@ -197,6 +208,8 @@ class Workload:
     """'quadratic' (masked n×n maps in fp32, the reference path; what the paper's k ≤ 9 reflects) or
     'chunked' (window-sized maps + linear states: blocks' 'blocked', 'chunked' and 'triton' paths)."""
     feature_dim: int = 64
+    feature_dtype: str = "model"
+    """attention.feature_dtype: 'model' (bf16 kernels) or 'float32' (fp32 kernels); picks the stage-1 constant."""
     window_size: int = 64
     shard_bytes: int = 512 * 10**6
     """Target size of one cache shard (the reader holds one, plus one prefetched)."""
@@ -411,9 +424,10 @@ def step_seconds(model: ModelConfig, workload: Workload, hardware: Hardware) -> 
     gemm = (flops["gemm"] + flops["teacher_attention_bf16"]) / (hardware.layer_tflops * 1e12)
     hybrid, maps = hybrid_and_maps(workload)
     attention = hybrid + maps
-    if hardware.stage1_attention_slowdown is not None:
+    slowdown = hardware.stage1_slowdown(workload.feature_dtype)
+    if slowdown is not None:
         chunked = sum(hybrid_and_maps(dataclasses.replace(workload, kernel="chunked")))
-        attention = hardware.stage1_attention_slowdown * chunked + max(0.0, attention - chunked)
+        attention = slowdown * chunked + max(0.0, attention - chunked)
     return {"gemm": gemm, "hybrid": hybrid, "map_passes": maps, "attention": attention, "step": gemm + attention}
 
 
@@ -792,7 +806,8 @@ def _cost_lines(p: Plan) -> list[str]:
 def _constants_line(hw: Hardware) -> str:
     """The preset's fitted constants, one line."""
     described = [  # (value, how it reads)
-        (hw.stage1_attention_slowdown, lambda v: f"stage-1 hybrid × {v:g}"),
+        (hw.stage1_attention_slowdown, lambda v: f"stage-1 hybrid × {v:g} (fp32 features)"),
+        (hw.stage1_attention_slowdown_model_features, lambda v: f"× {v:g} (model-dtype features)"),
         (hw.eval_step_fraction, lambda v: f"evaluation {v:g} of a step"),
         (hw.weight_build_params_per_s, lambda v: f"random weights {v / 1e9:g}B params/s per task"),
         (hw.host_copy_GBps, lambda v: f"GPU<->host copies {v:g} GB/s"),
@@ -848,9 +863,10 @@ def format_plan(p: Plan, all_rows: bool = False) -> str:
                f"{_tb(c.cache['validation'])} = {_tb(c.cache_total)}; shards of {shard_rows(m, w)} sequences")
     t = c.times
     hybrid = f"hybrid fp32 {_dur(t['block_hybrid_s'])} + score-map passes {_dur(t['block_map_passes_s'])}"
-    if hw.stage1_attention_slowdown is not None:
-        hybrid = (f"hybrid {_dur(t['block_attention_s'])} (measured: {hw.stage1_attention_slowdown:g} × the chunked "
-                  "model)")
+    slowdown = hw.stage1_slowdown(w.feature_dtype)
+    if slowdown is not None:
+        hybrid = (f"hybrid {_dur(t['block_attention_s'])} (measured: {slowdown:g} × the chunked model, "
+                  f"{w.feature_dtype} features)")
     out.append(f"  collect: a chain of {c.num_blocks} tasks, one per boundary, each after the one before: teacher "
                f"forward of {m.num_layers - c.last_block_layers} layers over all tokens with GPU<->host copies "
                f"{_dur(t['collect_compute_s'])} + building weights {_dur(t['collect_build_s'])} + cache I/O "
@@ -885,7 +901,7 @@ def run_inputs(config: RunConfig) -> tuple[Workload, Limits]:
     workload = Workload(tokens=transfer.train_tokens, seq_len=config.data.seq_len,
                         val_sequences=config.data.validation_sequences, micro_batch=transfer.micro_batch_size,
                         kernel="chunked", feature_dim=config.attention.feature_dim,
-                        window_size=config.attention.window_size, grad_accum=transfer.grad_accum,
+                        feature_dtype=config.attention.feature_dtype, window_size=config.attention.window_size, grad_accum=transfer.grad_accum,
                         eval_every=transfer.eval_every)
     limits = Limits(gpus=cluster.num_gpus, gpu_memory=cluster.gpu_memory or None,
                     host_memory=cluster.host_memory or None, disk=cluster.disk or None)
@@ -1015,6 +1031,13 @@ def _stage2_rows(run: dict, config: RunConfig, hardware: Hardware, source: str) 
     ]
 
 
+def measured_run_config(data: dict) -> RunConfig:
+    """The config of a measured run's JSON. Runs measured before bench_scale recorded attention.feature_dtype
+    (session 9) computed with fp32 features, the default then; the default has since changed, so say it."""
+    attention = {"feature_dtype": "float32", **data.get("attention", {})}
+    return resolve_run_config({**data, "attention": attention})
+
+
 def check_runs(paths: list[str], hardware: str | None = None) -> dict:
     """Re-plan every measured run in `paths` with the run's own inputs (its config, its k, the chunked kernel) and
     the preset `hardware` (default: the one its plan used), and compare: stage-1 rows for a run JSON with
@@ -1025,7 +1048,7 @@ def check_runs(paths: list[str], hardware: str | None = None) -> dict:
     planned: dict[str, tuple] = {}  # run_dir -> (model, workload, hardware, candidate)
     for run in runs.values():
         source = ", ".join(run["files"])
-        config = resolve_run_config(_field(run, "config", source))
+        config = measured_run_config(_field(run, "config", source))
         hw = load_hardware(hardware or _field(run, "plan.hardware_preset", source))
         k = int(_field(run, "plan.k", source))
         model = config.model
@@ -1104,6 +1127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", choices=KERNELS, default="quadratic",
                         help="stage-1 attention path: quadratic (n×n maps, reference) or chunked (O(n))")
     parser.add_argument("--feature-dim", type=int, default=64, help="Hedgehog feature dim f (default 64)")
+    parser.add_argument("--feature-dtype", choices=("model", "float32"), default="model",
+                        help="attention.feature_dtype of the run: picks the measured stage-1 constant (default "
+                             "%(default)s)")
     parser.add_argument("--window", type=int, default=64, help="softmax window (default 64)")
     parser.add_argument("--shard-size", default="512MB", help="target cache shard size (default 512MB)")
     parser.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step (default 8)")
@@ -1195,6 +1221,7 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, Workload, L
         micro_batch=_positive(args.micro_batch, "--micro-batch"),
         kernel=args.kernel,
         feature_dim=_positive(args.feature_dim, "--feature-dim"),
+        feature_dtype=args.feature_dtype,
         window_size=_positive(args.window, "--window"),
         shard_bytes=_bytes_flag(args.shard_size, "--shard-size"),
         grad_accum=_positive(args.grad_accum, "--grad-accum"),

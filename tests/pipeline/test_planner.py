@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_model_config, resolve_run_config
+from pipeline.config import ConfigError, load_model_config
 from pipeline.planner import (KERNEL_PROFILES, Limits, Workload, add_arguments, block_times, check_runs,
-                              hardware_names, layer_terms, load_hardware, lora_stage_s, lora_tokens_per_s, main, plan,
-                              plan_to_dict, run_inputs, schedule_wall_s, total_params)
+                              hardware_names, layer_terms, load_hardware, lora_stage_s, lora_tokens_per_s, main,
+                              measured_run_config, plan, plan_to_dict, run_inputs, schedule_wall_s, total_params)
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_405B = ["--model", "llama3.1-405b", "--tokens", "20M", "--seq-len", "1024", "--gpus", "14",
@@ -41,10 +41,16 @@ def by_k(result, k):
 
 def test_paper_405b_setting(capsys):
     """The paper's k <= 9 is the memory limit: k = 9 (14 blocks, one wave) is the largest block that fits an 80 GB
-    GPU. Which feasible k is fastest is the time model's call: the collect chain (one task per boundary) dominates
-    at 20M tokens, and the last block starts after all of it, so k = 8 (its last block has 6 layers) wins."""
+    GPU. Which feasible k is fastest is the time model's call: with the bf16 kernels (features in the model dtype,
+    the default) one wave of k = 9 is fastest; with fp32 features the block step is 5.5x longer, the collect chain
+    (one task per boundary) matters less against it, and k = 8 (two waves, its last block of 6 layers) wins."""
     code, result = run_json(PAPER_405B, capsys)
     assert code == 0
+    k9 = by_k(result, 9)
+    assert (k9["num_blocks"], k9["waves"], k9["last_block_layers"], k9["status"]) == (14, 1, 9, "chosen")
+    assert (result["k"], result["num_blocks"], result["waves"]) == (9, 14, 1)
+    assert any("slower than k=9" in r for r in by_k(result, 8)["reasons"])
+    _, result = run_json(PAPER_405B + ["--feature-dtype", "float32"], capsys)
     k9 = by_k(result, 9)
     assert (k9["num_blocks"], k9["waves"], k9["last_block_layers"], k9["status"]) == (14, 1, 9, "kept")
     assert 9.0e12 <= k9["cache_bytes"] <= 9.4e12 and k9["memory_bytes"] <= 80e9
@@ -62,7 +68,7 @@ def test_paper_405b_setting(capsys):
     assert any("slower than k=8" in r for r in k9["reasons"])
     assert any("needs 9 waves" in r for r in by_k(result, 1)["reasons"])
     # The text table says the same.
-    assert main(parse(PAPER_405B)) == 0
+    assert main(parse(PAPER_405B + ["--feature-dtype", "float32"])) == 0
     text = capsys.readouterr().out
     assert "Chosen: k=8: 16 blocks (15 of 8 layers + a last block of 6), 2 waves on 14 GPUs" in text
     assert re.search(r"rejected: does not fit GPU memory: 8\d\.\d GB > 80.0 GB", text)
@@ -96,15 +102,16 @@ def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
 
 
 def test_less_disk_moves_k_and_more_gpus_do_not_shorten_the_collect_chain(capsys):
-    _, narrow = run_json(PAPER_405B, capsys)
-    _, wide = run_json(PAPER_405B + ["--gpus", "24"], capsys)
+    fp32 = PAPER_405B + ["--feature-dtype", "float32"]  # where k = 8 is chosen, so a smaller disk can push it up
+    _, narrow = run_json(fp32, capsys)
+    _, wide = run_json(fp32 + ["--gpus", "24"], capsys)
     # Collect runs one boundary at a time whatever the GPU count, and here it dominates: 24 GPUs give the same plan.
     assert wide["k"] == narrow["k"] and wide["waves"] == 1
     assert wide["predicted_times_s"]["collect_s"] == narrow["predicted_times_s"]["collect_s"]
     assert wide["predicted_times_s"]["wall_s"] == pytest.approx(narrow["predicted_times_s"]["wall_s"], rel=1e-9)
 
     disk = 10e12
-    _, tight = run_json(PAPER_405B + ["--disk", "10TB"], capsys)
+    _, tight = run_json(fp32 + ["--disk", "10TB"], capsys)
     assert tight["k"] > narrow["k"] and tight["cache_bytes"] <= disk
     rejected = by_k(tight, narrow["k"])
     assert rejected["status"] == "rejected" and rejected["cache_bytes"] > disk
@@ -138,7 +145,7 @@ def test_json_schema(capsys):
 
 
 def test_last_block_may_be_partial(capsys):
-    _, result = run_json(PAPER_405B + ["--gpus", "8"], capsys)
+    _, result = run_json(PAPER_405B + ["--gpus", "8", "--feature-dtype", "float32"], capsys)
     # 126 = 15 × 8 + 6: the last block has 6 layers and the cache holds 16 boundaries.
     assert (result["k"], result["num_blocks"], result["last_block_layers"], result["waves"]) == (8, 16, 6, 2)
     assert result["blocks"][-1] == [120, 126] and len(result["blocks"]) == 16
@@ -182,7 +189,7 @@ def test_cli_runs_under_5_seconds():
     out = subprocess.run([sys.executable, "-m", "pipeline.planner", *PAPER_405B, "--json"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert time.perf_counter() - start < 5.0
-    assert json.loads(out)["k"] == 8
+    assert json.loads(out)["k"] == 9
 
 
 def test_hardware_presets_load():
@@ -415,8 +422,8 @@ def test_check_picks_up_a_new_finetune_section(tmp_path):
 
 
 def _run_8b():
-    """The 8B run's planner inputs (its config) and its k."""
-    config = resolve_run_config(json.loads(RUN_8B.read_text())["config"])
+    """The 8B run's planner inputs (its config, fp32 features as it ran) and its k."""
+    config = measured_run_config(json.loads(RUN_8B.read_text())["config"])
     workload, limits = run_inputs(config)
     return config.model, workload, limits
 
@@ -454,6 +461,13 @@ def test_each_fitted_term_moves_the_plan_the_expected_way():
     assert plain["block_attention_s"] == pytest.approx(plain["block_hybrid_s"] + plain["block_map_passes_s"])
     assert base["block_attention_s"] == pytest.approx(h200.stage1_attention_slowdown * plain["block_attention_s"])
     assert base["block_train_s"] > 10 * plain["block_train_s"]
+    # Features in the model dtype (the default since session 9) take the bf16 kernels: their own, smaller constant.
+    assert workload.feature_dtype == "float32"
+    bf16 = times(h200, dataclasses.replace(workload, feature_dtype="model"))
+    assert bf16["block_attention_s"] == pytest.approx(
+        h200.stage1_attention_slowdown_model_features * plain["block_attention_s"])
+    only_fp32 = dataclasses.replace(h200, stage1_attention_slowdown_model_features=None)
+    assert times(only_fp32, dataclasses.replace(workload, feature_dtype="model")) == base  # falls back
     # The quadratic kernel (not measured) adds its extra FLOPs and passes over the chunked model at face value.
     quadratic = times(h200, dataclasses.replace(workload, kernel="quadratic"))
     plain_q = times(dataclasses.replace(h200, stage1_attention_slowdown=None),
