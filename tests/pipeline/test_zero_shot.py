@@ -160,6 +160,16 @@ def test_trailing_space_moves_to_the_continuation(smollm2_tokenizer):
     assert encode_pair(tok, "Answer:", " Paris") == (context_ids, continuation_ids)
 
 
+def test_scored_lengths_count_the_rows_the_model_reads(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    short = zero_shot.MultipleChoiceItem("piqa", "", "Question: a?\nAnswer:", [" yes", " no way at all"], 0)
+    long = zero_shot.MultipleChoiceItem("piqa", "", "word " * 100 + "\nAnswer:", [" yes", " no"], 0)
+    table = zero_shot.scored_lengths({"piqa": [short, long]}, tok, within=(68,))
+    expected = sorted(len(c) + len(x) - 1 for item in (short, long) for c, x in
+                      (encode_pair(tok, context, choice) for context, choice in item.requests()))
+    assert table["piqa"] == {"rows": 4, "median": expected[2], "max": expected[-1], "share_le_68": 0.5}
+
+
 def test_line_by_line_encoding_equals_whole_string_encoding(smollm2_tokenizer):
     tok = smollm2_tokenizer
     assert zero_shot._line_segments("a\n\nB\nC?\n D\nE") == ["a\n\nB\n", "C?\n D\n", "E"]
