@@ -135,8 +135,9 @@ class Hardware:
     """The model preset of the run the fitted constants came from (`--check` marks its rows 'fit')."""
     source: str = ""
 
-    FITTED = ("stage1_attention_slowdown", "stage1_attention_slowdown_model_features", "eval_step_fraction", "weight_build_params_per_s", "host_copy_GBps",
-              "cache_write_GBps", "task_overhead_s", "lora_efficiency", "lora_startup_params_per_s")
+    FITTED = ("stage1_attention_slowdown", "stage1_attention_slowdown_model_features", "eval_step_fraction",
+              "weight_build_params_per_s", "host_copy_GBps", "cache_write_GBps", "task_overhead_s", "lora_efficiency",
+              "lora_startup_params_per_s")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "Hardware":
@@ -901,8 +902,8 @@ def run_inputs(config: RunConfig) -> tuple[Workload, Limits]:
     workload = Workload(tokens=transfer.train_tokens, seq_len=config.data.seq_len,
                         val_sequences=config.data.validation_sequences, micro_batch=transfer.micro_batch_size,
                         kernel="chunked", feature_dim=config.attention.feature_dim,
-                        feature_dtype=config.attention.feature_dtype, window_size=config.attention.window_size, grad_accum=transfer.grad_accum,
-                        eval_every=transfer.eval_every)
+                        feature_dtype=config.attention.feature_dtype, window_size=config.attention.window_size,
+                        grad_accum=transfer.grad_accum, eval_every=transfer.eval_every)
     limits = Limits(gpus=cluster.num_gpus, gpu_memory=cluster.gpu_memory or None,
                     host_memory=cluster.host_memory or None, disk=cluster.disk or None)
     return workload, limits
