@@ -56,6 +56,21 @@ def test_gate_names_the_failing_check(change, failing):
     assert [c["check"] for c in verdict["checks"] if not c["passed"]] == [failing]
 
 
+def test_gate_says_how_far_each_zero_shot_gap_is_from_the_noise():
+    """The verdict stays the plain comparison; the note gives the difference and its standard error."""
+    results = {"models": {
+        "teacher": model_result(10.0, {"0-64": 20.0}, acc=0.70),
+        "swa64+4sinks": model_result(12.0, {"0-64": 20.0}, acc=0.67),
+        "stage2": model_result(10.3, {"0-64": 20.0}, acc=0.662, hybrid=True)}}
+    results["models"]["swa64+4sinks"]["zero_shot"]["piqa"]["stderr"] = 0.021
+    results["models"]["stage2"]["zero_shot"]["piqa"]["stderr"] = 0.020
+    piqa = next(c for c in gate(results, EvalConfig())["checks"] if c["check"] == "piqa >= SWA+sinks")
+    assert piqa["passed"] is False
+    assert piqa["note"] == "-0.8 points, standard error of the difference 2.9"
+    results["gate"] = {"model": "stage2", "passed": False, "checks": [piqa]}
+    assert "(limit 0.67; -0.8 points, standard error of the difference 2.9)" in report(results)
+
+
 def test_gate_without_a_converted_model_says_so():
     verdict = gate({"models": {"teacher": model_result(10.0, {})}}, EvalConfig())
     assert verdict["passed"] is None and "converted" in verdict["note"]
