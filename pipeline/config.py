@@ -355,6 +355,9 @@ class EvalConfig:
     """MMLU questions per subject (57 subjects, 5-shot prompts of ~720 tokens); null = all 14,042."""
     passkey_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     passkey_trials: int = 10
+    passkey_aligned: bool = True
+    """Passkey questions end where the needle's key digits start (its lead space token, for tokenizers that split
+    it off); false: the prompt of sessions 2-9, where a lone " " against " a" decided many trials."""
     batch_size: int = 8
     max_perplexity_ratio: float = 1.05
     """Gate: overall held-out perplexity <= this x the teacher's."""

@@ -228,7 +228,8 @@ def _measure(candidate: Candidate, tokenizer, sequences: torch.Tensor, settings,
         progress(f"{candidate.name}: passkey at {settings.passkey_lengths} tokens")
         out["passkey"] = passkey_accuracy(model, tokenizer, lengths=tuple(settings.passkey_lengths),
                                           num_trials=settings.passkey_trials, batch_size=settings.batch_size,
-                                          device=device, generate_fn=candidate.generate)
+                                          device=device, generate_fn=candidate.generate,
+                                          aligned=settings.passkey_aligned)
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -559,6 +560,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mmlu-limit", type=int, help="MMLU items per subject (default: eval.mmlu_limit)")
     parser.add_argument("--passkey-lengths", help="comma-separated prompt lengths, or 'none'")
     parser.add_argument("--passkey-trials", type=int)
+    parser.add_argument("--passkey-unaligned", action="store_true",
+                        help="passkey prompts of sessions 2-9: the question stops before the key's lead space token")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--no-baselines", action="store_true", help="skip the teacher and SWA+sinks")
     parser.add_argument("--items-file", help="zero-shot items written by `python -m pipeline.zero_shot export FILE` "
@@ -583,6 +586,8 @@ def _settings_from_args(args, base) -> object:
             data[key] = value
     if args.no_baselines:
         data["baselines"] = False
+    if getattr(args, "passkey_unaligned", False):
+        data["passkey_aligned"] = False
     return build(EvalConfig, data, "eval")
 
 
@@ -613,7 +618,7 @@ def main(args) -> int:
 
 # Settings that change what is measured (batch size does not); combined results must agree on them.
 MEASURED_SETTINGS = ("swa_window", "swa_sinks", "tasks", "task_limit", "mmlu_limit", "passkey_lengths",
-                     "passkey_trials")
+                     "passkey_trials", "passkey_aligned")
 
 
 def combine(baselines: dict, runs: list[tuple[str, dict]], gate_model: str | None = None) -> dict:

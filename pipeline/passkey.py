@@ -14,6 +14,13 @@ ignores attention_mask. The needle goes in at the sentence boundary nearest the 
 is the fraction of the filler placed before it (0: right after the task description, 1: right before the
 question). Trial i of `num_trials` uses depth `depths[i % len(depths)]` and a seeded random key.
 
+Where the tokenizer gives the space before a number its own token (SmolLM2 and Llama 2 split digits, so
+" 60494" is " ", "6", "0", ...), the question ends with that space token too (`aligned=True`, the default since
+session 10): the prompt then stops exactly where the needle's key digits start. Without it the first answer token
+must be a lone " ", which the SmolLM2 teacher itself predicts with p = 0.41 against " a" ("The pass key is a
+special type of key ..."), so a trial turned on that coin and not on reading the key; the key's digits, once the
+space is there, follow with p > 0.9 for every model that can see the needle.
+
 Scoring: greedy decoding of a few tokens; a trial passes when the first run of digits in the decoded
 continuation equals the key.
 """
@@ -54,11 +61,35 @@ def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _head_and_tail(tokenizer, chat: bool) -> tuple[list[int], list[int]]:
-    """Token ids before the filler (task description) and after it (question, answer prefix)."""
+def key_lead(tokenizer) -> list[int]:
+    """The whitespace-only tokens the needle puts between "The pass key is" and the key's first digit: [" "] for
+    tokenizers that split the space off numbers (SmolLM2, Llama 2), [] where it merges into the first digits."""
+    prefix = _encode(tokenizer, " " + ANSWER_PREFIX)
+    lead: list[int] = []
+    for key in ("12345", "98765"):  # two keys, so that a lead is never a digit token by accident
+        ids = _encode(tokenizer, f" {ANSWER_PREFIX} {key}")
+        if ids[:len(prefix)] != prefix:
+            return []
+        rest = ids[len(prefix):]
+        this = []
+        for token in rest:
+            if tokenizer.decode([token]).strip():
+                break
+            this.append(token)
+        if lead and this != lead:
+            return []
+        lead = this
+    return lead
+
+
+def _head_and_tail(tokenizer, chat: bool, aligned: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids before the filler (task description) and after it (question, answer prefix and, if `aligned`,
+    the key's lead token)."""
+    lead = key_lead(tokenizer) if aligned else []
     if not chat:
         # The tokenizer's own special tokens (e.g. Llama 3's BOS) go at the very start, as in any plain prompt.
-        return _encode(tokenizer, TASK + "\n", special=True), _encode(tokenizer, f"\n{QUESTION} {ANSWER_PREFIX}")
+        return (_encode(tokenizer, TASK + "\n", special=True),
+                _encode(tokenizer, f"\n{QUESTION} {ANSWER_PREFIX}") + lead)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat: the tokenizer has no chat template; use chat=False (plain text)")
     sentinel = "\x00PASSKEY\x00"
@@ -66,7 +97,8 @@ def _head_and_tail(tokenizer, chat: bool) -> tuple[list[int], list[int]]:
                                              tokenize=False)
     before, after = rendered.split(sentinel)
     # The rendered template already holds its special tokens (BOS included), so nothing is added here.
-    return _encode(tokenizer, before + TASK + "\n"), _encode(tokenizer, f"\n{QUESTION}{after}{ANSWER_PREFIX}")
+    return (_encode(tokenizer, before + TASK + "\n"),
+            _encode(tokenizer, f"\n{QUESTION}{after}{ANSWER_PREFIX}") + lead)
 
 
 def _filler(tokenizer) -> tuple[list[int], list[int]]:
@@ -85,17 +117,18 @@ def _check_positive(name: str, value) -> None:
 
 
 def passkey_prompts(tokenizer, length: int, num_trials: int, seed: int = 0, depths: Sequence[float] = DEPTHS,
-                    chat: bool = False) -> list[PasskeyPrompt]:
+                    chat: bool = False, aligned: bool = True) -> list[PasskeyPrompt]:
     """`num_trials` prompts of exactly `length` tokens; trial i hides a random key at depths[i % len(depths)].
 
     chat=True wraps the task in the tokenizer's chat template (user turn, then the assistant's turn starting
     with "The pass key is"); the default plain text is what we report, for base and instruct models alike.
+    aligned=False leaves out the key's lead token (the prompt of sessions 2-9; see the module docstring).
     """
     _check_positive("num_trials", num_trials)
     _check_positive("length", length)
     if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths: {depths!r} must be a non-empty sequence of fractions in [0, 1]")
-    head, tail = _head_and_tail(tokenizer, chat)
+    head, tail = _head_and_tail(tokenizer, chat, aligned)
     cycle, sentence_ends = _filler(tokenizer)
     rng = random.Random(seed)
     prompts = []
@@ -153,7 +186,7 @@ def _continuation(output: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS, num_trials: int = 20,
                      batch_size: int = 8, device: str | torch.device = "cpu", generate_fn: GenerateFn | None = None,
                      seed: int = 0, max_new_tokens: int = 8, depths: Sequence[float] = DEPTHS,
-                     chat: bool = False) -> dict[str, dict]:
+                     chat: bool = False, aligned: bool = True) -> dict[str, dict]:
     """Passkey accuracy at each length: {"512": {"accuracy", "n", "by_depth": {"0.00": acc, ...}}, ...}.
 
     generate_fn(input_ids (B, T), attention_mask (B, T), max_new_tokens) returns greedy token ids (prompt +
@@ -170,7 +203,8 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         generate_fn = hf_generate_fn(model, pad_id)
     # Build every prompt first, so bad arguments fail before any generation.
-    by_length = {length: passkey_prompts(tokenizer, length, num_trials, seed=seed, depths=depths, chat=chat)
+    by_length = {length: passkey_prompts(tokenizer, length, num_trials, seed=seed, depths=depths, chat=chat,
+                                         aligned=aligned)
                  for length in lengths}
     results: dict[str, dict] = {}
     with tqdm(total=num_trials * len(lengths), desc="passkey", unit="prompt") as progress:

@@ -117,6 +117,13 @@ def eval_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def test_passkey_unaligned_flag_selects_the_earlier_prompt():
+    from pipeline.evaluate import _settings_from_args
+
+    assert _settings_from_args(eval_args("run"), EvalConfig()).passkey_aligned is True
+    assert _settings_from_args(eval_args("run", "--passkey-unaligned"), EvalConfig()).passkey_aligned is False
+
+
 def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
     """Teacher, SWA+sinks and the stitched model on the same held-out rows (the tiny model has no Brown
     tokenizer fixture, so zero-shot and passkey are off here: their own tests cover them); the files and the gate."""
@@ -184,6 +191,8 @@ def test_combine_puts_runs_beside_one_set_of_baselines(tmp_path, capsys):
         combine(baselines, [("long", other)], gate_model="stage9")
     with pytest.raises(ValueError, match="other data, settings or device"):
         combine(baselines, [("x", {**other, "held_out": {"seq_len": 128}})])
+    with pytest.raises(ValueError, match="other data, settings or device"):  # passkey prompts of sessions 2-9
+        combine(baselines, [("x", {**other, "settings": {**other["settings"], "passkey_aligned": False}})])
     with pytest.raises(ValueError, match="no teacher"):
         combine(other, [("x", other)])
     (tmp_path / "a.json").write_text(json.dumps(baselines))

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from pipeline.passkey import (DEPTHS, FILLER_SENTENCES, NEEDLE, QUESTION, TASK, first_number, passkey_accuracy,
-                              passkey_prompts)
+from pipeline.passkey import (ANSWER_PREFIX, DEPTHS, FILLER_SENTENCES, NEEDLE, QUESTION, TASK, first_number, key_lead,
+                              passkey_accuracy, passkey_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_needle_appears_once_at_the_requested_depth(tokenizer, depth):
     text = tokenizer.decode(prompt.input_ids)
     needle = NEEDLE.format(key=prompt.key)
     assert text.startswith(TASK + "\n")
-    assert text.endswith(f"\n{QUESTION} The pass key is")
+    assert text.endswith(f"\n{QUESTION} The pass key is ")  # SmolLM2 gives the space before digits its own token
     assert text.count(needle) == 1 and text.count(prompt.key) == 2
     # Depth as the fraction of the filler's characters that come before the needle.
     filler_start, filler_end = len(TASK) + 1, text.rindex(f"\n{QUESTION}")
@@ -72,7 +72,24 @@ def test_chat_template_form_has_exact_length_and_ends_in_the_assistant_turn(toke
     assert [len(p.input_ids) for p in prompts] == [512] * 3
     text = tokenizer.decode(prompts[0].input_ids)
     assert text.startswith("<|im_start|>system") and NEEDLE.format(key=prompts[0].key) in text
-    assert text.endswith("<|im_start|>assistant\nThe pass key is")
+    assert text.endswith("<|im_start|>assistant\nThe pass key is ")
+
+
+def test_aligned_question_stops_where_the_needles_key_digits_start(tokenizer):
+    lead = key_lead(tokenizer)
+    assert [tokenizer.decode([t]) for t in lead] == [" "]  # SmolLM2: " 60494" is " ", "6", "0", "4", "9", "4"
+    aligned = passkey_prompts(tokenizer, 512, num_trials=5, seed=4)
+    plain = passkey_prompts(tokenizer, 512, num_trials=5, seed=4, aligned=False)
+    answer = tokenizer(" " + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    for a, p in zip(aligned, plain):
+        assert len(a.input_ids) == len(p.input_ids) == 512 and a.key == p.key and a.depth == p.depth
+        assert a.input_ids[-len(lead):] == lead and p.input_ids[-len(answer):] == answer
+        # The last tokens of the aligned prompt are the needle's tokens right before the key's first digit.
+        digits = tokenizer(a.key, add_special_tokens=False)["input_ids"]
+        tail = answer + lead
+        hits = [i for i in range(len(a.input_ids) - len(tail) - len(digits))
+                if a.input_ids[i:i + len(tail) + len(digits)] == tail + digits]
+        assert len(hits) == 1, hits
 
 
 def test_same_seed_same_prompts_other_seed_other_keys(tokenizer):
@@ -133,3 +150,24 @@ def test_smollm2_teacher_retrieves_the_key_at_512_tokens(smollm2_dir, tokenizer)
     # Measured: 8/8 at 512 and 1024 tokens (plain text), so the teacher must pass nearly all of these.
     assert result["512"]["n"] == 4
     assert result["512"]["accuracy"] >= 0.75, result
+
+
+def test_sliding_window_reads_a_needle_inside_its_window_and_not_one_outside(smollm2_dir, tokenizer):
+    """What the aligned prompt measures: retrieval. SWA 64 + 4 sinks sees a needle right before the question and
+    not one at the start. Measured with the plain prompt of sessions 2-9: half the in-window needles were lost
+    to the first answer token (" a" instead of " "); aligned, 10 of 10 at 512 and 1,024 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from blocks.window_attention import swap_to_sliding_window
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    swap_to_sliding_window(model, 64, 4)
+
+    def generate(input_ids, attention_mask, max_new_tokens):  # the SWA module keeps no cache: recompute each step
+        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=False, use_cache=False, pad_token_id=tokenizer.eos_token_id)
+
+    inside = passkey_accuracy(None, tokenizer, lengths=(256,), num_trials=3, depths=(1.0,), generate_fn=generate)
+    outside = passkey_accuracy(None, tokenizer, lengths=(256,), num_trials=3, depths=(0.0,), generate_fn=generate)
+    assert inside["256"]["accuracy"] == 1.0, inside
+    assert outside["256"]["accuracy"] == 0.0, outside
