@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from pipeline.passkey import (ANSWER_PREFIX, DEPTHS, FILLER_SENTENCES, NEEDLE, QUESTION, TASK, first_number, key_lead,
-                              passkey_accuracy, passkey_prompts)
+from pipeline.passkey import (ANSWER_PREFIX, DEPTHS, FILLER_SENTENCES, NEEDLE, QUESTION, TASK, answer_token_probabilities,
+                              first_number, key_lead, passkey_accuracy, passkey_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,17 @@ def test_sliding_window_reads_a_needle_inside_its_window_and_not_one_outside(smo
     outside = passkey_accuracy(None, tokenizer, lengths=(256,), num_trials=3, depths=(0.0,), generate_fn=generate)
     assert inside["256"]["accuracy"] == 1.0, inside
     assert outside["256"]["accuracy"] == 0.0, outside
+
+
+def test_teacher_forced_answer_tokens_of_both_prompts(smollm2_dir, tokenizer):
+    """The plain prompt's answer starts with the lone " " the teacher is unsure of; the digits after it, and the
+    aligned prompt's first token, are near certain (measured p(" ") = 0.42 with the teacher, 0.25 with SWA 64)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    (plain,) = passkey_prompts(tokenizer, 256, num_trials=1, depths=(1.0,), aligned=False)
+    (aligned,) = passkey_prompts(tokenizer, 256, num_trials=1, depths=(1.0,))
+    plain_tokens = answer_token_probabilities(model, tokenizer, plain, aligned=False)
+    aligned_tokens = answer_token_probabilities(model, tokenizer, aligned, aligned=True)
+    assert [t["token"] for t in plain_tokens] == [" "] + [t["token"] for t in aligned_tokens] == [" "] + list(plain.key)
+    assert all(0.0 <= t["p"] <= 1.0 for t in plain_tokens + aligned_tokens)
+    assert plain_tokens[0]["p"] < 0.9 and min(t["p"] for t in aligned_tokens) > 0.5, (plain_tokens, aligned_tokens)
