@@ -650,8 +650,14 @@ def combine(baselines: dict, runs: list[tuple[str, dict]], gate_model: str | Non
     from .config import EvalConfig
 
     def signature(results: dict) -> tuple:
+        measured = {key: results["settings"].get(key) for key in MEASURED_SETTINGS}
+        # Settings of a measurement that was not made do not matter (e.g. passkey trials with no passkey lengths).
+        if not measured["passkey_lengths"]:
+            measured.update(passkey_trials=None, passkey_aligned=None)
+        if not measured["tasks"]:
+            measured.update(task_limit=None, mmlu_limit=None)
         return (results["device"], results["dtype"], json.dumps(results["held_out"], sort_keys=True),
-                tuple(json.dumps(results["settings"].get(key)) for key in MEASURED_SETTINGS))
+                json.dumps(measured, sort_keys=True))
 
     models = {name: r for name, r in baselines["models"].items() if not r.get("hybrid")}
     if "teacher" not in models:

@@ -207,6 +207,10 @@ def test_combine_puts_runs_beside_one_set_of_baselines(tmp_path, capsys):
         combine(baselines, [("x", {**other, "held_out": {"seq_len": 128}})])
     with pytest.raises(ValueError, match="other data, settings or device"):  # passkey prompts of sessions 2-9
         combine(baselines, [("x", {**other, "settings": {**other["settings"], "passkey_aligned": False}})])
+    # Without passkey lengths on both sides, the passkey trials and prompt were never used: no conflict.
+    no_passkey = {**common["settings"], "passkey_lengths": []}
+    combine({**baselines, "settings": no_passkey},
+            [("x", {**other, "settings": {**no_passkey, "passkey_trials": 3, "passkey_aligned": False}})])
     with pytest.raises(ValueError, match="no teacher"):
         combine(other, [("x", other)])
     (tmp_path / "a.json").write_text(json.dumps(baselines))
