@@ -193,7 +193,7 @@ def _greedy(model, pad_id: int, **cache_kwargs) -> Callable:
     return generate
 
 
-def _no_cache_greedy(model, pad_id: int) -> Callable:
+def greedy_without_cache(model, pad_id: int) -> Callable:
     """The SWA baseline module recomputes every position from the full prefix (it keeps no window cache)."""
     def generate(input_ids, attention_mask, max_new_tokens):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -406,7 +406,7 @@ def _baselines(model_cfg, settings, device, dtype, pad_id):
     model = load_model(model_cfg, dtype=dtype, device=device).eval()
     yield Candidate("teacher", model, _greedy(model, pad_id), hybrid=False)
     swap_to_sliding_window(model, window_size=settings.swa_window, num_sinks=settings.swa_sinks)
-    yield Candidate(f"swa{settings.swa_window}+{settings.swa_sinks}sinks", model, _no_cache_greedy(model, pad_id),
+    yield Candidate(f"swa{settings.swa_window}+{settings.swa_sinks}sinks", model, greedy_without_cache(model, pad_id),
                     hybrid=False)
     restore_attention(model)
 
@@ -425,7 +425,7 @@ def _run_candidates(run, settings, device, dtype, pad_id):
     if "stage1" in settings.stages:
         yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
     merged = merge_run_adapter(run, model) if "stage2" in settings.stages else None
-    if merged is None and settings.stages == ["stage2"]:
+    if merged is None and "stage1" not in settings.stages:
         raise ValueError(f"eval.stages: ['stage2'], but {run.url_of('finetune')} holds no LoRA adapter (stage 2 has "
                          "not run); measure stage1")
     if merged is not None:

@@ -254,6 +254,7 @@ def probe_main(argv: list[str] | None = None) -> int:
     from blocks.window_attention import restore_attention, swap_to_sliding_window
 
     from .assets import ensure_smollm2
+    from .evaluate import greedy_without_cache
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.passkey probe", description=probe_main.__doc__)
     parser.add_argument("--lengths", default="512,1024", help="prompt lengths for the accuracy (default: %(default)s)")
@@ -267,10 +268,7 @@ def probe_main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     (needle_last,) = passkey_prompts(tokenizer, lengths[0], num_trials=1, depths=(1.0,), aligned=False)
-
-    def no_cache(input_ids, attention_mask, max_new_tokens):  # the SWA module keeps no cache
-        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                              do_sample=False, use_cache=False, pad_token_id=tokenizer.eos_token_id)
+    no_cache = greedy_without_cache(model, tokenizer.eos_token_id)  # as `linearize eval` decodes SWA+sinks
 
     results = {"lengths": list(lengths), "trials": args.trials, "models": {}}
     for name in ("teacher", f"swa{args.window}+{args.sinks}sinks"):

@@ -154,18 +154,16 @@ def test_smollm2_teacher_retrieves_the_key_at_512_tokens(smollm2_dir, tokenizer)
 
 def test_sliding_window_reads_a_needle_inside_its_window_and_not_one_outside(smollm2_dir, tokenizer):
     """What the aligned prompt measures: retrieval. SWA 64 + 4 sinks sees a needle right before the question and
-    not one at the start. Measured with the plain prompt of sessions 2-9: half the in-window needles were lost
-    to the first answer token (" a" instead of " "); aligned, 10 of 10 at 512 and 1,024 tokens."""
+    not one at the start. Measured with the plain prompt of sessions 2-9 (`python -m pipeline.passkey probe`): half
+    the in-window needles were lost to the first answer token (" a" instead of " "); aligned, every one of them."""
     from transformers import AutoModelForCausalLM
 
     from blocks.window_attention import swap_to_sliding_window
+    from pipeline.evaluate import greedy_without_cache
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     swap_to_sliding_window(model, 64, 4)
-
-    def generate(input_ids, attention_mask, max_new_tokens):  # the SWA module keeps no cache: recompute each step
-        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                              do_sample=False, use_cache=False, pad_token_id=tokenizer.eos_token_id)
+    generate = greedy_without_cache(model, tokenizer.eos_token_id)  # the SWA module keeps no cache
 
     inside = passkey_accuracy(None, tokenizer, lengths=(256,), num_trials=3, depths=(1.0,), generate_fn=generate)
     outside = passkey_accuracy(None, tokenizer, lengths=(256,), num_trials=3, depths=(0.0,), generate_fn=generate)
