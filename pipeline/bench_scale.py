@@ -14,7 +14,7 @@ Two modes, each sized for one device command of under 10 minutes:
 What it records, per run: the planner's prediction (plan.json: k, per-block GPU memory, cache bytes, collect /
 block / wall seconds with the hardware preset named by the cluster) beside what happened: wall seconds per stage
 (RUN/stage_times.json), collect and transfer wall and every task's peak GPU memory (RUN/blocks/summary.json;
-torch's allocator), every DeepSpeed rank's peak (RUN/finetune/result.json), the GPUs' own used memory sampled
+torch's allocator), every DeepSpeed rank's peak and pace (RUN/finetune/result.json, or the newest checkpoint of a run stopped in stage 2), the GPUs' own used memory sampled
 with nvidia-smi (CUDA contexts included), the cache's bytes on disk, the export's size, and what the faults
 cost (micro-steps and optimizer steps that were redone).
 
@@ -191,6 +191,12 @@ def summarize(run_dir: Path) -> dict:
         }
         out["blocks"]["start_wait_s"] = start_waits(out["blocks"])
         out["blocks"]["warm_up"] = blocks.get("warm_up")  # the kernel warm-up task, where the run had one
+    if finetune is None:  # stopped mid-stage 2 (a time limit): what its newest checkpoint recorded
+        pointer = read("finetune/checkpoint/latest.json")
+        finetune = read(f"{pointer['dir']}/state.json") if pointer else None
+        if finetune:
+            finetune = {"partial": True, "steps": finetune.get("total_steps"),
+                        **{key: finetune.get(key) for key in ("step", "best", "history", "ranks")}}
     if finetune:
         out["finetune"] = {key: value for key, value in finetune.items() if key != "history"}
         out["finetune"]["steps_run"] = len([h for h in finetune.get("history", []) if "train_loss" in h])

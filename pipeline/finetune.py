@@ -16,7 +16,8 @@ RUN/finetune/ (everything a resume needs, none of it tied to the number of worke
     checkpoint/latest.json      -> the newest complete step-NNNNNN/ (written last, atomically)
     checkpoint/step-NNNNNN/     lora.safetensors (full fp32 LoRA weights), optimizer.safetensors (full
                                 AdamW moments, gathered from the ZeRO partitions), best.safetensors,
-                                state.json (step, data position, schedule, best eval, metrics history)
+                                state.json (step, data position, schedule, best eval, metrics history,
+                                each rank's cost so far)
     adapter/                    the best LoRA in PEFT format (adapter_config.json, adapter_model.safetensors)
     result.json                 written last: the stage is complete
 
@@ -692,6 +693,9 @@ class Stage2Worker:
 
     def save_checkpoint(self) -> None:
         full, moments = _gather_full(self.engine, self.params, with_optimizer=True)
+        # Each rank's cost so far (collective), so a run stopped mid-stage (a node lost, a time limit) still says
+        # how fast its steps were; RESULT has the same field for a finished one.
+        ranks = self._rank_stats()
         if self.rank == 0:
             run, folder = self.run_dir, _step_dir(self.step)
             run.write_bytes(f"{folder}/lora.safetensors", save_safetensors_bytes(full))
@@ -701,7 +705,8 @@ class Stage2Worker:
             run.write_json(f"{folder}/state.json", {
                 "step": self.step, "rows_consumed": self.step * self.options.global_batch,
                 "global_batch": self.options.global_batch, "world_size": self.world_size,
-                "schedule": self.schedule.state_dict(), "best": self.best, "history": self.history})
+                "schedule": self.schedule.state_dict(), "best": self.best, "history": self.history,
+                "total_steps": self.options.total_steps, "ranks": ranks})
             previous = run.read_json(LATEST, default=None)
             run.write_json(LATEST, {"dir": folder, "step": self.step})  # the commit point of this checkpoint
             if previous is not None and previous["dir"] != folder:

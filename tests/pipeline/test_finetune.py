@@ -10,6 +10,7 @@ start-up (importing torch, transformers, peft, deepspeed) dominates the cost of 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,6 +299,12 @@ def test_resume_with_a_different_worker_count(tmp_path_factory, model_dir, group
     checkpoint = latest_checkpoint(run)
     assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and not run.exists(RESULT)
     assert run.read_json(LATEST)["dir"].endswith("step-000003")
+    # The checkpoint keeps each rank's pace, so the scale proof can report a run stopped mid-stage.
+    from pipeline.bench_scale import summarize
+
+    partial = summarize(Path(run.url))["finetune"]
+    assert partial["partial"] and partial["step"] == 3 and partial["steps_run"] == 3 and partial["steps"] == 6
+    assert [r["rank"] for r in partial["ranks"]] == [0, 1] and all(r["tokens_per_s"] > 0 for r in partial["ranks"])
 
     result = run_finetune(run.url, workers=groups(1), max_restarts=0, return_weights=True)
     assert result["world_size"] == 1
