@@ -184,14 +184,16 @@ def load_layer_stack(model_cfg: ModelConfig, start: int, end: int, dtype: torch.
     layer_cls, _ = _modeling_classes(model_cfg)
     with torch.device("meta"):
         layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(start, end))
-    layers = layers.to_empty(device="cpu")
+    # Materialised in the target dtype on the target device, filled from host pieces one tensor at a time: built
+    # in fp32 on the host first, a 40-layer block of the 70B shape took 137 GB of host memory per task, and a
+    # block and a collect task building side by side ran a 251 GB host out of memory (docs/results.md, section 8).
+    layers = layers.to(dtype=dtype).to_empty(device=device)
     directory = model_directory(model_cfg)
     if directory is None:
         for offset, layer in enumerate(layers):
             random_init_(layer, model_cfg.seed, prefix=f"model.layers.{start + offset}.")
     else:
         _load_layer_weights(directory, layers, start)
-    layers = layers.to(device=device, dtype=dtype)
     for layer in layers:
         # Layers are built standalone, so give attention the implementation the whole model would use.
         layer.self_attn.config._attn_implementation = "sdpa"
@@ -208,7 +210,7 @@ def load_embeddings(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
     generated from the seed by tensor name (bit-identical to the same table of load_model)."""
     with torch.device("meta"):
         embedding = nn.Embedding(model_cfg.vocab_size, model_cfg.hidden_size)
-    embedding = embedding.to_empty(device="cpu")
+    embedding = embedding.to(dtype=dtype).to_empty(device=device)  # as load_layer_stack: no fp32 host copy
     directory = model_directory(model_cfg)
     if directory is None:
         random_init_(embedding, model_cfg.seed, prefix=EMBEDDING_KEY.removesuffix("weight"))
@@ -223,7 +225,7 @@ def load_embeddings(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                     break
         else:
             raise ValueError(f"{directory}: no {EMBEDDING_KEY} in {[f.name for f in files]}")
-    return embedding.to(device=device, dtype=dtype).eval()
+    return embedding.eval()
 
 
 def _load_layer_weights(directory: Path, layers: nn.ModuleList, start: int) -> None:

@@ -126,6 +126,24 @@ def test_a_block_of_a_large_preset_builds_without_the_rest():
     assert stack.start == 31 and stack.layers[0].self_attn.layer_idx == 31
 
 
+def test_blocks_are_built_in_their_dtype_with_the_whole_models_rounding(monkeypatch):
+    """A block never holds its layers in fp32 first (at 70B that was 137 GB of host memory per 40-layer task), and
+    casting each generated tensor gives the same bf16 weights as the whole model built in fp32 then cast."""
+    cfg = load_model_config(TINY)
+    seen = []
+    init = models.random_init_
+    monkeypatch.setattr(models, "random_init_", lambda module, *a, **k: (
+        seen.extend(p.dtype for p in module.parameters()), init(module, *a, **k)))
+    stack = models.load_layer_stack(cfg, 1, 3, dtype=torch.bfloat16)
+    embedding = models.load_embeddings(cfg, dtype=torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}
+    whole = load_model(cfg).to(torch.bfloat16).model
+    for offset, layer in enumerate(stack.layers):
+        for name, param in layer.named_parameters():
+            assert torch.equal(param, whole.layers[1 + offset].get_parameter(name)), name
+    assert torch.equal(embedding.weight, whole.embed_tokens.weight)
+
+
 @pytest.mark.real_model
 def test_real_layers_load_alone_and_match_the_model(smollm2_dir):
     cfg = load_model_config("smollm2-135m")
