@@ -127,22 +127,27 @@ class Hardware:
     """Seconds per Ray task beyond its modelled work: dispatch, worker and CUDA start, plan and cache indexes."""
     lora_efficiency: float | None = None
     """Stage 2: tokens/s per rank (ZeRO-3) over the FLOP bound at layer_tflops (4 FLOPs per token per matmul
-    weight: forward and activation gradients). A ratio. None: stage 2 is the FLOP-bound lower bound."""
+    weight: forward and activation gradients; 6 with gradient checkpointing). A ratio. Measured with fp32
+    features. None: stage 2 is the FLOP-bound lower bound."""
+    lora_efficiency_model_features: float | None = None
+    """The same ratio with the features in the model dtype (the default). None: lora_efficiency is used."""
     lora_startup_params_per_s: float | None = None
     """Stage 2: building the model partitioned under ZeRO-3 plus the DeepSpeed engine, parameters per second
     per rank (each rank makes 1/world of the tensors)."""
     fitted_on: str = ""
     """The model preset of the run the fitted constants came from (`--check` marks its rows 'fit')."""
+    also_fitted_on_run: str = ""
+    """A run JSON (file stem) some constants were refitted on later; `--check` marks its rows 'fit' too."""
     source: str = ""
 
     FITTED = ("stage1_attention_slowdown", "stage1_attention_slowdown_model_features", "eval_step_fraction",
               "weight_build_params_per_s", "host_copy_GBps", "cache_write_GBps", "task_overhead_s", "lora_efficiency",
-              "lora_startup_params_per_s")
+              "lora_efficiency_model_features", "lora_startup_params_per_s")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "Hardware":
         names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-        optional = ("measured", "fitted_on", *cls.FITTED)
+        optional = ("measured", "fitted_on", "also_fitted_on_run", *cls.FITTED)
         missing = [n for n in names if n not in optional and n not in data]
         if missing:
             raise ConfigError(f"--hardware: {source or 'preset'} lacks {missing}")
@@ -154,7 +159,7 @@ class Hardware:
             if key not in data:
                 continue
             value = data[key]
-            if key in ("name", "fitted_on"):
+            if key in ("name", "fitted_on", "also_fitted_on_run"):
                 values[key] = str(value)
             elif key == "measured":
                 values[key] = bool(value)
@@ -171,7 +176,7 @@ class Hardware:
 
     def left_out(self) -> list[str]:
         """The fitted constants this preset lacks (their terms are not in its plans)."""
-        falls_back = ("cache_write_GBps", "stage1_attention_slowdown_model_features")
+        falls_back = ("cache_write_GBps", "stage1_attention_slowdown_model_features", "lora_efficiency_model_features")
         return [key for key in self.FITTED if getattr(self, key) is None and key not in falls_back]
 
     def stage1_slowdown(self, feature_dtype: str) -> float | None:
@@ -179,6 +184,12 @@ class Hardware:
         if feature_dtype == "model" and self.stage1_attention_slowdown_model_features is not None:
             return self.stage1_attention_slowdown_model_features
         return self.stage1_attention_slowdown
+
+    def lora_efficiency_for(self, feature_dtype: str) -> float | None:
+        """The stage-2 constant for runs whose features reach the kernels in `feature_dtype`."""
+        if feature_dtype == "model" and self.lora_efficiency_model_features is not None:
+            return self.lora_efficiency_model_features
+        return self.lora_efficiency
 
 
 def hardware_names() -> list[str]:
@@ -745,13 +756,14 @@ def total_params(model: ModelConfig) -> int:
     return model.num_layers * model.params_per_layer + heads * model.vocab_size * model.hidden_size + model.hidden_size
 
 
-def lora_tokens_per_s(model: ModelConfig, hardware: Hardware, gradient_checkpointing: bool = False) -> float:
+def lora_tokens_per_s(model: ModelConfig, hardware: Hardware, gradient_checkpointing: bool = False,
+                      feature_dtype: str = "model") -> float:
     """Stage-2 training tokens/s of one rank: the FLOP bound (forward 2 FLOPs and activation gradients 2 FLOPs per
     matmul weight per token; the frozen base needs no weight gradients, LoRA's are negligible; gradient
     checkpointing runs the forward again in the backward: 2 more) at layer_tflops, times the preset's measured
-    lora_efficiency (ZeRO-3 gathers, launch overheads; measured without gradient checkpointing), or the bound."""
+    efficiency for the features' dtype (ZeRO-3 gathers, launch overheads, the hybrid attention), or the bound."""
     flops = (6 if gradient_checkpointing else 4) * matmul_params(model)
-    return hardware.layer_tflops * 1e12 / flops * (hardware.lora_efficiency or 1.0)
+    return hardware.layer_tflops * 1e12 / flops * (hardware.lora_efficiency_for(feature_dtype) or 1.0)
 
 
 def lora_startup_s(model: ModelConfig, hardware: Hardware, gpus: int) -> float:
@@ -764,7 +776,8 @@ def lora_startup_s(model: ModelConfig, hardware: Hardware, gpus: int) -> float:
 def lora_stage_s(model: ModelConfig, workload: Workload, hardware: Hardware, gpus: int) -> float:
     """Stage 2 over the same number of tokens as stage 1, on all GPUs: start-up plus training. A FLOP-bound lower
     bound when the preset has no lora_efficiency."""
-    train = workload.tokens * workload.epochs / (max(gpus, 1) * lora_tokens_per_s(model, hardware))
+    train = workload.tokens * workload.epochs / (max(gpus, 1) * lora_tokens_per_s(
+        model, hardware, feature_dtype=workload.feature_dtype))
     return lora_startup_s(model, hardware, gpus) + train
 
 
@@ -774,7 +787,7 @@ def cost(p: Plan) -> dict:
     stage2_s = lora_stage_s(p.model, p.workload, p.hardware, p.limits.gpus)
     out = {"stage 1": {"wall_h": c.wall_s / HOUR, "gpus": gpus, "gpu_hours": c.wall_s / HOUR * gpus},
            "stage 2 (LoRA)": {"wall_h": stage2_s / HOUR, "gpus": gpus, "gpu_hours": stage2_s / HOUR * gpus,
-                              "lower_bound": p.hardware.lora_efficiency is None}}
+                              "lower_bound": p.hardware.lora_efficiency_for(p.workload.feature_dtype) is None}}
     for stage, (hours, paper_gpus) in PAPER_COSTS.get(p.model.name, {}).items():
         out[stage]["paper"] = {"wall_h": hours, "gpus": paper_gpus, "gpu_hours": hours * paper_gpus}
     return out
@@ -814,7 +827,8 @@ def _constants_line(hw: Hardware) -> str:
         (hw.host_copy_GBps, lambda v: f"GPU<->host copies {v:g} GB/s"),
         (hw.cache_write_GBps, lambda v: f"cache writes {v:g} GB/s"),
         (hw.task_overhead_s, lambda v: f"{v:g} s per task"),
-        (hw.lora_efficiency, lambda v: f"stage-2 efficiency {v:g}"),
+        (hw.lora_efficiency, lambda v: f"stage-2 efficiency {v:g} (fp32 features)"),
+        (hw.lora_efficiency_model_features, lambda v: f"{v:g} (model-dtype features)"),
         (hw.lora_startup_params_per_s, lambda v: f"stage-2 start {v / 1e6:g}M params/s per rank"),
     ]
     parts = [describe(value) for value, describe in described if value is not None]
@@ -1022,10 +1036,15 @@ def _stage2_rows(run: dict, config: RunConfig, hardware: Hardware, source: str) 
         raise ConfigError(f"--check: {source}: finetune.ranks is empty; the stage-2 run recorded no rank")
     model, world = config.model, len(ranks)
     checkpointing = config.finetune.gradient_checkpointing
+    partial = run["finetune"].get("partial")  # stopped mid-stage: its newest checkpoint's figures
     note = (f"ZeRO-{config.finetune.zero_stage}, {world} ranks, micro-batch {config.finetune.micro_batch_size} x "
-            f"{config.data.seq_len}{', gradient checkpointing' if checkpointing else ''}")
+            f"{config.data.seq_len}{', gradient checkpointing' if checkpointing else ''}, "
+            f"{config.attention.feature_dtype} features"
+            + (f"; stopped after step {run['finetune'].get('step')} of {run['finetune'].get('steps')}" if partial
+               else ""))
     return [
-        _check_row("stage 2: tokens/s per rank", lora_tokens_per_s(model, hardware, checkpointing),
+        _check_row("stage 2: tokens/s per rank",
+                   lora_tokens_per_s(model, hardware, checkpointing, config.attention.feature_dtype),
                    _mean([r["tokens_per_s"] for r in ranks]), note),
         _check_row("stage 2: model build + engine start (s)", lora_startup_s(model, hardware, world),
                    _mean([r["init_s"] for r in ranks]), note),
@@ -1059,7 +1078,7 @@ def check_runs(paths: list[str], hardware: str | None = None) -> dict:
         run_rows = _stage1_rows(run, cand, model, workload, hw, source) if "blocks" in run else []
         run_rows += _stage2_rows(run, config, hw, source) if "finetune" in run else []
         label = Path(run["files"][0]).stem
-        role = "fit" if model.name == hw.fitted_on else "check"
+        role = "fit" if model.name == hw.fitted_on or label == hw.also_fitted_on_run else "check"
         rows += [{"run": label, "model": model.name, "gpus": limits.gpus, "role": role, **row} for row in run_rows]
         chosen = plan(model, workload, limits, hw).chosen
         out_runs.append({"run": label, "files": run["files"], "model": model.name, "gpus": limits.gpus,
