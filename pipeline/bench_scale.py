@@ -14,9 +14,9 @@ Two modes, each sized for one device command of under 10 minutes:
 What it records, per run: the planner's prediction (plan.json: k, per-block GPU memory, cache bytes, collect /
 block / wall seconds with the hardware preset named by the cluster) beside what happened: wall seconds per stage
 (RUN/stage_times.json), collect and transfer wall and every task's peak GPU memory (RUN/blocks/summary.json;
-torch's allocator), every DeepSpeed rank's peak and pace (RUN/finetune/result.json, or the newest checkpoint of a run stopped in stage 2), the GPUs' own used memory sampled
-with nvidia-smi (CUDA contexts included), the cache's bytes on disk, the export's size, and what the faults
-cost (micro-steps and optimizer steps that were redone).
+torch's allocator), every DeepSpeed rank's peak and pace (RUN/finetune/result.json, or the newest checkpoint of a
+run stopped in stage 2), the GPUs' own used memory sampled with nvidia-smi (CUDA contexts included), the cache's
+bytes on disk, the export's size, and what the faults cost (micro-steps and optimizer steps that were redone).
 
 The run itself is the normal CLI (`python -m pipeline.run run CONFIG --run-dir DIR`) in a subprocess that sees
 the first N GPUs, so the Ray instance, the workers and the retries are the production ones.

@@ -91,7 +91,7 @@ class StitchedModel:
     meta: dict
 
 
-def _read_stitched(run: RunDir) -> tuple[dict, dict[str, torch.Tensor], list[int], ModelConfig, AttentionSettings]:
+def read_stitched(run: RunDir) -> tuple[dict, dict[str, torch.Tensor], list[int], ModelConfig, AttentionSettings]:
     """stitched.json, the feature maps and gamma (small: every rank loads all of them), their layers."""
     for rel in (STITCHED_META, STITCHED_WEIGHTS):
         if not run.exists(rel):
@@ -108,7 +108,7 @@ def load_stitched(run: RunDir, dtype: torch.dtype = torch.float32, device: str |
     """The base model with the stitched layers converted and their feature maps and gamma loaded."""
     from .models import load_model
 
-    meta, state, layers, model_config, settings = _read_stitched(run)
+    meta, state, layers, model_config, settings = read_stitched(run)
     model = load_model(model_config, dtype=dtype, device=device)
     convert_model(model, settings, layers=layers)
     load_hybrid_state_dict(model, state)
@@ -119,7 +119,7 @@ TensorSource = Callable[[str, torch.Size, torch.dtype], torch.Tensor]
 """(full parameter name, shape, dtype) -> the full tensor, on CPU."""
 
 
-def _checkpoint_source(directory: Path, names: list[str]) -> TensorSource:
+def checkpoint_tensor_source(directory: Path, names: list[str]) -> TensorSource:
     """Reads single tensors from a Hugging Face directory's safetensors files (only the headers are read here).
     Every rank checks that all `names` exist before any collective starts, so a bad checkpoint fails everywhere."""
     from safetensors import safe_open
@@ -223,18 +223,14 @@ def load_stitched_partitioned(run: RunDir, ds_config: dict, dtype: torch.dtype,
 
     import deepspeed
     import torch.distributed as dist
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .models import _rotary, hf_config, model_directory, random_value, random_value_range
+    from .models import _rotary, model_directory, random_value, random_value_range, teacher_config
 
-    meta, state, layers, model_config, settings = _read_stitched(run)
+    meta, state, layers, model_config, settings = read_stitched(run)
     directory = model_directory(model_config)
-    if directory is None:
-        config = hf_config(model_config)
-    else:  # as from_pretrained(directory, attn_implementation="sdpa") configures it
-        config = AutoConfig.from_pretrained(directory)
-        config._attn_implementation = "sdpa"
+    config = teacher_config(model_config)
     # no_init_weights: transformers' own init would gather every parameter to fill it with values we replace.
     # memory_efficient_linear off: zero.Init would otherwise replace F.linear with its own autograd function in
     # this process for good (it is never restored), changing the numerics of every later run in the actor; the
@@ -262,7 +258,7 @@ def load_stitched_partitioned(run: RunDir, ds_config: dict, dtype: torch.dtype,
         _fill_partitioned([(name, p) for name, p in named if not _partition_is_writable(p)],
                           partial(random_value, model_config.seed), rank, world_size)
     else:  # safetensors are read whole: each tensor by one owner rank, broadcast into the partitions
-        _fill_partitioned(named, _checkpoint_source(directory, [name for name, _ in named]), rank, world_size)
+        _fill_partitioned(named, checkpoint_tensor_source(directory, [name for name, _ in named]), rank, world_size)
     # The rotary buffer as load_model leaves it: built outside zero.Init (whose tensor constructors would cast it),
     # cast to the model dtype for random weights (load_model's model.to(dtype)), fp32 as from_pretrained keeps it.
     rotary = _rotary(model_config, config, "cpu")

@@ -142,6 +142,17 @@ def model_directory(model_cfg: ModelConfig) -> Path | None:
     return path
 
 
+def teacher_config(model_cfg: ModelConfig):
+    """The transformers config of the model as load_model builds it: the preset's for random weights, the
+    directory's config.json (with SDPA attention) for a checkpoint."""
+    directory = model_directory(model_cfg)
+    if directory is None:
+        return hf_config(model_cfg)
+    config = AutoConfig.from_pretrained(directory)
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The whole teacher model (only for shapes that fit in memory)."""
     directory = model_directory(model_cfg)

@@ -396,5 +396,5 @@ def test_stitched_state_keeps_the_feature_dtype_it_was_trained_with(tmp_path, wr
     run = RunDir(str(tmp_path))
     run.write_json(finetune.STITCHED_META, {"model": model, "attention": attention})
     run.write_bytes(finetune.STITCHED_WEIGHTS, save({"layers.0.window_logit": torch.zeros(2)}))
-    *_, settings = finetune._read_stitched(run)
+    *_, settings = finetune.read_stitched(run)
     assert settings.feature_dtype == expected

@@ -90,7 +90,8 @@ def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
     assert stage1["paper"] == {"wall_h": 5.0, "gpus": 14, "gpu_hours": 70.0}
     assert stage2["paper"] == {"wall_h": 16.0, "gpus": 24, "gpu_hours": 384.0}
     # 4 FLOPs per matmul weight (405B layers + LM head) x 20M tokens at the preset's layer rate times its measured
-    # stage-2 efficiency with model-dtype features (the default); h100 has no start-up constant, so the GPU-hours do not depend on the GPU count.
+    # stage-2 efficiency with model-dtype features (the default); h100 has no start-up constant, so the GPU-hours
+    # do not depend on the GPU count.
     hw = result["hardware"]
     params = 126 * result["model"]["params_per_layer"] + 128256 * 16384
     expected = 4 * params * 20_000_000 / (hw["layer_tflops"] * 1e12 * hw["lora_efficiency_model_features"]) / 3600
