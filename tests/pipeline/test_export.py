@@ -352,3 +352,17 @@ def test_layer_by_layer_export_of_random_weights_equals_the_model_built_whole(ti
     for name, tensor in stored.items():
         assert torch.equal(tensor, expected[name]), name
     assert not any(n.startswith("tokenizer") for n in os.listdir(out))  # random weights have no tokenizer
+
+
+def test_export_benchmark_fabricates_a_run_the_export_reads(tmp_path):
+    """pipeline/bench_export.py: stitched state and adapter drawn at random for a preset's shape, exported in a
+    child process, its size and peak host memory in the JSON, the work directory removed."""
+    from pipeline import bench_export
+
+    out = tmp_path / "bench.json"
+    assert bench_export.main(["--model", "smollm2-135m", "--layers", "2", "--dtype", "float32",
+                              "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["layers"] == 2 and result["shards"] == 1 and result["peak_host_bytes"] > 0
+    assert result["export_bytes"] >= result["model_bytes"] == result["parameters"] * 4
+    assert not (tmp_path / "work").exists()
