@@ -131,6 +131,10 @@ class Hardware:
     features. None: stage 2 is the FLOP-bound lower bound."""
     lora_efficiency_model_features: float | None = None
     """The same ratio with the features in the model dtype (the default). None: lora_efficiency is used."""
+    lora_activation_bytes: float | None = None
+    """Stage 2: bytes of saved activations per token, per unit of hidden size, per decoder layer, without gradient
+    checkpointing (the Llama MLP's and attention's saved tensors, the hybrid attention's, LoRA's). None: the
+    stage-2 memory line is left out."""
     lora_startup_params_per_s: float | None = None
     """Stage 2: building the model partitioned under ZeRO-3 plus the DeepSpeed engine, parameters per second
     per rank (each rank makes 1/world of the tensors)."""
@@ -142,7 +146,7 @@ class Hardware:
 
     FITTED = ("stage1_attention_slowdown", "stage1_attention_slowdown_model_features", "eval_step_fraction",
               "weight_build_params_per_s", "host_copy_GBps", "cache_write_GBps", "task_overhead_s", "lora_efficiency",
-              "lora_efficiency_model_features", "lora_startup_params_per_s")
+              "lora_efficiency_model_features", "lora_activation_bytes", "lora_startup_params_per_s")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "Hardware":
@@ -176,7 +180,8 @@ class Hardware:
 
     def left_out(self) -> list[str]:
         """The fitted constants this preset lacks (their terms are not in its plans)."""
-        falls_back = ("cache_write_GBps", "stage1_attention_slowdown_model_features", "lora_efficiency_model_features")
+        falls_back = ("cache_write_GBps", "stage1_attention_slowdown_model_features", "lora_efficiency_model_features",
+                      "lora_activation_bytes")
         return [key for key in self.FITTED if getattr(self, key) is None and key not in falls_back]
 
     def stage1_slowdown(self, feature_dtype: str) -> float | None:
@@ -773,21 +778,65 @@ def lora_startup_s(model: ModelConfig, hardware: Hardware, gpus: int) -> float:
     return total_params(model) / max(gpus, 1) / rate if rate else 0.0
 
 
-def lora_stage_s(model: ModelConfig, workload: Workload, hardware: Hardware, gpus: int) -> float:
+LOGIT_COPIES = 3
+"""Stage 2's logits live in fp32 about three times at the peak: the upcast logits, the log-softmax, its gradient."""
+
+
+def lora_memory(model: ModelConfig, seq_len: int, micro_batch: int, gpus: int, hardware: Hardware,
+                gradient_checkpointing: bool) -> dict[str, float]:
+    """Bytes of one stage-2 rank at its peak (torch's allocator; the runtime reserve comes on top), ZeRO-3 over
+    `gpus` ranks, bf16: the rank's partition of the frozen weights; two decoder layers gathered whole (the one
+    computing and the one prefetched); the logits in fp32; the saved activations, all layers' (lora_activation_bytes
+    per token, hidden unit and layer) or, with gradient checkpointing, each layer's bf16 input plus one layer's
+    activations while it is recomputed. Fitted on the 8B run (no checkpointing), checked on the two 70B runs."""
+    tokens, d = seq_len * micro_batch, model.hidden_size
+    layer_activations = (hardware.lora_activation_bytes or 0.0) * tokens * d
+    saved = (model.num_layers * tokens * d * BF16 + layer_activations if gradient_checkpointing
+             else model.num_layers * layer_activations)
+    return {"weights_partition": total_params(model) * BF16 / max(gpus, 1),
+            "gathered_layers": 2 * model.params_per_layer * BF16,
+            "logits": LOGIT_COPIES * tokens * model.vocab_size * FP32,
+            "saved_activations": saved}
+
+
+def lora_plan(model: ModelConfig, limits: Limits, hardware: Hardware, seq_len: int,
+              micro_batch: int = 1) -> dict:
+    """Stage 2 on all GPUs: without gradient checkpointing when a rank fits the GPU memory (less the runtime
+    reserve), else with it (50% more FLOPs), else it does not fit. {"gradient_checkpointing", "fits", "memory"
+    (the chosen setting's terms), "without_bytes"}."""
+    def total(checkpointing: bool) -> tuple[dict[str, float], float]:
+        terms = lora_memory(model, seq_len, micro_batch, limits.gpus, hardware, checkpointing)
+        return terms, sum(terms.values()) + hardware.runtime_reserve_GB * GB
+
+    plain, plain_total = total(False)
+    limit = limits.gpu_memory if limits.gpus else limits.host_memory
+    if limit is None or plain_total <= limit or hardware.lora_activation_bytes is None:
+        return {"gradient_checkpointing": False, "fits": True, "memory": plain, "without_bytes": plain_total}
+    recomputed, recomputed_total = total(True)
+    return {"gradient_checkpointing": True, "fits": recomputed_total <= limit, "memory": recomputed,
+            "without_bytes": plain_total}
+
+
+def lora_stage_s(model: ModelConfig, workload: Workload, hardware: Hardware, gpus: int,
+                 gradient_checkpointing: bool = False) -> float:
     """Stage 2 over the same number of tokens as stage 1, on all GPUs: start-up plus training. A FLOP-bound lower
     bound when the preset has no lora_efficiency."""
     train = workload.tokens * workload.epochs / (max(gpus, 1) * lora_tokens_per_s(
-        model, hardware, feature_dtype=workload.feature_dtype))
+        model, hardware, gradient_checkpointing, workload.feature_dtype))
     return lora_startup_s(model, hardware, gpus) + train
 
 
 def cost(p: Plan) -> dict:
     """GPU-hours of the chosen plan's stage 1 and of stage 2, with the paper's where published."""
     c, gpus = p.chosen, max(p.limits.gpus, 1)
-    stage2_s = lora_stage_s(p.model, p.workload, p.hardware, p.limits.gpus)
+    stage2 = lora_plan(p.model, p.limits, p.hardware, p.workload.seq_len)
+    stage2_s = lora_stage_s(p.model, p.workload, p.hardware, p.limits.gpus, stage2["gradient_checkpointing"])
     out = {"stage 1": {"wall_h": c.wall_s / HOUR, "gpus": gpus, "gpu_hours": c.wall_s / HOUR * gpus},
            "stage 2 (LoRA)": {"wall_h": stage2_s / HOUR, "gpus": gpus, "gpu_hours": stage2_s / HOUR * gpus,
-                              "lower_bound": p.hardware.lora_efficiency_for(p.workload.feature_dtype) is None}}
+                              "lower_bound": p.hardware.lora_efficiency_for(p.workload.feature_dtype) is None,
+                              "gradient_checkpointing": stage2["gradient_checkpointing"], "fits": stage2["fits"],
+                              "memory_bytes_per_gpu": sum(stage2["memory"].values())
+                              + p.hardware.runtime_reserve_GB * GB}}
     for stage, (hours, paper_gpus) in PAPER_COSTS.get(p.model.name, {}).items():
         out[stage]["paper"] = {"wall_h": hours, "gpus": paper_gpus, "gpu_hours": hours * paper_gpus}
     return out
@@ -795,6 +844,21 @@ def cost(p: Plan) -> dict:
 
 def _cost_lines(p: Plan) -> list[str]:
     lines = []
+    if p.hardware.lora_activation_bytes is not None:
+        stage2 = lora_plan(p.model, p.limits, p.hardware, p.workload.seq_len)
+        terms, reserve = stage2["memory"], p.hardware.runtime_reserve_GB * GB
+        total = sum(terms.values()) + reserve
+        where = f"ZeRO-3 over {max(p.limits.gpus, 1)} GPUs" if p.limits.gpus else "one CPU worker"
+        setting = ("gradient checkpointing on (without it "
+                   f"{stage2['without_bytes'] / GB:.1f} GB)" if stage2["gradient_checkpointing"]
+                   else "no gradient checkpointing needed")
+        lines.append(f"  stage 2 (LoRA): {where}, micro-batch 1 × {p.workload.seq_len}: {total / GB:.1f} GB per "
+                     f"GPU = weights {terms['weights_partition'] / GB:.1f} + 2 gathered layers "
+                     f"{terms['gathered_layers'] / GB:.1f} + logits {terms['logits'] / GB:.1f} + saved activations "
+                     f"{terms['saved_activations'] / GB:.1f} + reserve {reserve / GB:.1f}; {setting}"
+                     + ("" if stage2["fits"] else f"; over the {_limit(p.limits.gpu_memory, GB, 'GB')} of a GPU: "
+                        "more GPUs or fewer tokens per micro-batch (the model's checks are within 2%; its "
+                        "2-gathered-layers term is the least certain at this size)"))
     for stage, value in cost(p).items():
         kind = "FLOP-bound lower bound: " if value.get("lower_bound") else ""
         line = (f"  cost, {stage}: {kind}{value['wall_h']:.2f} h × {value['gpus']} GPUs = "
@@ -1042,7 +1106,14 @@ def _stage2_rows(run: dict, config: RunConfig, hardware: Hardware, source: str) 
             f"{config.attention.feature_dtype} features"
             + (f"; stopped after step {run['finetune'].get('step')} of {run['finetune'].get('steps')}" if partial
                else ""))
-    return [
+    rows = []
+    peaks = [rank.get("peak_gpu_bytes") for rank in ranks]
+    if hardware.lora_activation_bytes is not None and all(peaks):
+        terms = lora_memory(model, config.data.seq_len, config.finetune.micro_batch_size, world, hardware,
+                            checkpointing)
+        rows.append(_check_row("stage 2: GPU memory per rank, torch peak (GB)", sum(terms.values()) / GB,
+                               max(peaks) / GB, note))
+    return rows + [
         _check_row("stage 2: tokens/s per rank",
                    lora_tokens_per_s(model, hardware, checkpointing, config.attention.feature_dtype),
                    _mean([r["tokens_per_s"] for r in ranks]), note),

@@ -16,8 +16,9 @@ import torch
 
 from pipeline.config import ConfigError, load_model_config
 from pipeline.planner import (KERNEL_PROFILES, Limits, Workload, add_arguments, block_times, check_runs,
-                              hardware_names, layer_terms, load_hardware, lora_stage_s, lora_tokens_per_s, main,
-                              measured_run_config, plan, plan_to_dict, run_inputs, schedule_wall_s, total_params)
+                              hardware_names, layer_terms, load_hardware, lora_memory, lora_stage_s, lora_tokens_per_s,
+                              main, measured_run_config, plan, plan_to_dict, run_inputs, schedule_wall_s,
+                              total_params)
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_405B = ["--model", "llama3.1-405b", "--tokens", "20M", "--seq-len", "1024", "--gpus", "14",
@@ -89,12 +90,14 @@ def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
     assert stage1["gpus"] == gpus and stage1["gpu_hours"] == pytest.approx(wall_s / 3600 * gpus, rel=1e-3)
     assert stage1["paper"] == {"wall_h": 5.0, "gpus": 14, "gpu_hours": 70.0}
     assert stage2["paper"] == {"wall_h": 16.0, "gpus": 24, "gpu_hours": 384.0}
-    # 4 FLOPs per matmul weight (405B layers + LM head) x 20M tokens at the preset's layer rate times its measured
-    # stage-2 efficiency with model-dtype features (the default); h100 has no start-up constant, so the GPU-hours
-    # do not depend on the GPU count.
+    # Without gradient checkpointing a 405B rank would hold ~450 GB of activations, so stage 2 recomputes: 6 FLOPs
+    # per matmul weight (405B layers + LM head) x 20M tokens at the preset's layer rate times its measured stage-2
+    # efficiency with model-dtype features (the default); h100 has no start-up constant, so the GPU-hours do not
+    # depend on the GPU count.
     hw = result["hardware"]
     params = 126 * result["model"]["params_per_layer"] + 128256 * 16384
-    expected = 4 * params * 20_000_000 / (hw["layer_tflops"] * 1e12 * hw["lora_efficiency_model_features"]) / 3600
+    expected = 6 * params * 20_000_000 / (hw["layer_tflops"] * 1e12 * hw["lora_efficiency_model_features"]) / 3600
+    assert stage2["gradient_checkpointing"] and stage2["fits"] == (gpus == 24)
     assert not stage2["lower_bound"] and stage2["gpu_hours"] == pytest.approx(expected, rel=1e-6)
     assert main(parse(argv)) == 0
     text = capsys.readouterr().out
@@ -566,3 +569,34 @@ def test_stage2_with_gradient_checkpointing_plans_the_recomputed_forward(tmp_pat
                if r["quantity"] == "stage 2: tokens/s per rank")
     assert row["planned"] == pytest.approx(lora_tokens_per_s(model, h200, True, "float32"))
     assert "checkpointing" in row["note"] and "float32 features" in row["note"]
+
+
+def test_stage2_memory_model_fits_the_8b_run_and_checks_on_both_70b_runs():
+    """lora_memory: the ZeRO-3 partition, two gathered layers, fp32 logits and saved activations (all layers', or
+    with gradient checkpointing each layer's input plus one layer's). lora_activation_bytes is fitted on the 8B
+    run; the two 70B runs (gradient checkpointing, 4 and 2 ranks) are the check, within 3%."""
+    rows = {(r["run"], r["quantity"]): r for r in check_runs(measured_runs(), "h200")["rows"]}
+    quantity = "stage 2: GPU memory per rank, torch peak (GB)"
+    assert rows[("scale_run_llama3-8b_4gpu", quantity)]["ratio"] == pytest.approx(1, abs=0.005)
+    for run in ("scale_run_llama3.1-70b_4gpu_session6", "scale_run_llama3.1-70b_2gpu_session11"):
+        assert rows[(run, quantity)]["ratio"] == pytest.approx(1, abs=0.03), run
+    h200, model = load_hardware("h200"), load_model_config("llama3.1-70b")
+    terms = lora_memory(model, 1024, 1, 2, h200, gradient_checkpointing=True)
+    assert terms["weights_partition"] == total_params(model)  # 2 bytes over 2 ranks
+    assert terms["saved_activations"] == pytest.approx(80 * 1024 * 8192 * 2 + h200.lora_activation_bytes * 1024 * 8192)
+
+
+@pytest.mark.parametrize("gpus, memory, checkpointing, fits", [
+    (4, "141GB", False, True),   # 8B on 4 x H200: no need to recompute
+    (1, "24GB", True, True),     # 8B on one 24 GB GPU: only with gradient checkpointing
+    (1, "16GB", True, False),    # its 16 GB of weights alone do not fit
+])
+def test_stage2_recomputes_only_when_it_must(gpus, memory, checkpointing, fits, capsys):
+    code, result = run_json(["--model", "llama3-8b", "--tokens", "1M", "--seq-len", "1024", "--gpus", str(gpus),
+                             "--gpu-memory", memory, "--hardware", "h200"], capsys)
+    stage2 = result["cost"]["stage 2 (LoRA)"]
+    assert (stage2["gradient_checkpointing"], stage2["fits"]) == (checkpointing, fits)
+    main(parse(["--model", "llama3-8b", "--tokens", "1M", "--seq-len", "1024", "--gpus", str(gpus), "--gpu-memory",
+                memory, "--hardware", "h200"]))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  stage 2 (LoRA): ZeRO-3"))
+    assert ("gradient checkpointing on" in line) == checkpointing and ("over the" in line) == (not fits)
