@@ -67,7 +67,7 @@ def plan_run(config: RunConfig, shard_bytes: int | None = None) -> dict:
     """The planner for this run: its JSON (pipeline.planner.plan_to_dict) with k chosen by the cost model when
     transfer.layers_per_block is 'auto' (else the configured k and its candidate's numbers), plus 'k_source',
     'hardware_preset' and 'splits' ({split: {rows, shards}})."""
-    from .planner import format_plan, hardware_names, load_hardware, plan, plan_to_dict, run_inputs
+    from .planner import format_plan, hardware_names, load_hardware, lora_plan, plan, plan_to_dict, run_inputs
 
     transfer, cluster = config.transfer, config.cluster
     # The same inputs `linearize plan --check` re-plans a finished run with (kernel, accumulation, evaluations).
@@ -77,7 +77,17 @@ def plan_run(config: RunConfig, shard_bytes: int | None = None) -> dict:
     # Time constants: a hardware preset named like the cluster if there is one (e.g. after
     # `linearize plan --calibrate --name local`), else the GPU machine's measured H100 values.
     preset = cluster.name if cluster.name in hardware_names() else "h100"
-    result = plan(config.model, workload, limits, load_hardware(preset))
+    hardware = load_hardware(preset)
+    result = plan(config.model, workload, limits, hardware)
+    # Stage 2 runs an hour later: say now if its ranks will not fit the GPUs as configured.
+    stage2 = lora_plan(config.model, limits, hardware, config.data.seq_len, config.finetune.micro_batch_size)
+    if not stage2["fits"]:
+        log(f"warning: stage 2 is planned at {sum(stage2['memory'].values()) / 1e9:.1f} GB per rank even with "
+            "gradient checkpointing, more than a GPU holds: use more GPUs or a shorter micro-batch")
+    elif stage2["gradient_checkpointing"] and not config.finetune.gradient_checkpointing:
+        log(f"warning: finetune.gradient_checkpointing is false, and stage 2 is planned at "
+            f"{stage2['without_bytes'] / 1e9:.1f} GB per rank without it, more than a GPU holds: set "
+            "finetune.gradient_checkpointing: true")
     k = transfer.layers_per_block
     if k == "auto":
         if result.chosen is None:

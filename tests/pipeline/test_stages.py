@@ -291,3 +291,22 @@ def test_kernel_warm_up_runs_before_every_block(ray_local, tiny_config, tmp_path
     from pipeline.bench_scale import summarize  # the scale proof's JSON carries it
 
     assert summarize(Path(run.url))["blocks"]["warm_up"] == warm
+
+
+@pytest.mark.parametrize("checkpointing, warned", [(False, True), (True, False)])
+def test_plan_warns_when_stage_2_would_not_fit_without_gradient_checkpointing(checkpointing, warned, capsys):
+    """70B on 2 x 141 GB: a stage-2 rank needs ~200 GB without recomputation (planner.lora_plan), so the plan
+    stage says to set finetune.gradient_checkpointing, an hour before stage 2 would run out of memory."""
+    from pipeline.config import resolve_run_config
+    from pipeline.run import plan_run
+
+    config = resolve_run_config({
+        "model": "llama3.1-70b", "recipe": "lolcats",
+        "cluster": {"name": "h200", "address": "local", "num_gpus": 2, "gpu_memory": "141GB",
+                    "host_memory": "240GB", "disk": "120GB"},
+        "transfer": {"train_tokens": "16K", "layers_per_block": 40},
+        "finetune": {"train_tokens": "16K", "zero_stage": 3, "gradient_checkpointing": checkpointing}})
+    plan_run(config)
+    out = capsys.readouterr().out
+    assert ("set finetune.gradient_checkpointing: true" in out) == warned
+    assert "even with gradient checkpointing" not in out
