@@ -133,7 +133,7 @@ class _ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _lora_deltas(adapter: dict[str, bytes]) -> tuple[dict[str, torch.Tensor], float]:
+def _lora_deltas(adapter: dict[str, bytes]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
     """The adapter's LoRA matrices by module name ('model.layers.3.self_attn.q_proj' -> {'A': .., 'B': ..}) and
     its scaling (lora_alpha / r), for merging one layer at a time."""
     config = json.loads(adapter[ADAPTER_CONFIG])
