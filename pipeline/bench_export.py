@@ -7,8 +7,9 @@ model's size in the export dtype (what an export that builds the whole model fir
     python -m pipeline.bench_export --model llama3-8b --layers 16 --dtype bfloat16 --work-dir /tmp/bench-export \\
         --out docs/results/export/bench_export_cpu.json
 
---layers keeps the first N decoder layers of the preset (a 70B export is 141 GB of disk). The run directory and
-the export are deleted afterwards unless --keep.
+--layers keeps the first N decoder layers of the preset (a 70B export is 141 GB of disk). --code DIR runs the
+export of another checkout (e.g. one before the layer-by-layer export) on the same kind of run, for comparison.
+The run directory and the export are deleted afterwards unless --keep.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import shutil
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--work-dir", default="/tmp/linearize-bench-export", help="run directory and export go here")
     parser.add_argument("--keep", action="store_true", help="keep the run directory and the export")
+    parser.add_argument("--code", help="a checkout of this project whose export is measured (default: this one)")
     parser.add_argument("--out", help="JSON path (default: WORK_DIR/bench_export.json)")
     args = parser.parse_args(argv)
 
@@ -99,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     params = total_params(load_model_config(model))
     started = time.perf_counter()
     command = [sys.executable, "-m", "pipeline.cli", "export", str(run_dir), str(out_dir), "--dtype", args.dtype]
-    subprocess.run(command, check=True)
+    code = Path(args.code).resolve() if args.code else Path(__file__).resolve().parent.parent
+    subprocess.run(command, check=True, cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
     wall = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     written = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     result = {"model": args.model, "layers": model["hf_config"]["num_hidden_layers"], "dtype": args.dtype,
               "parameters": params, "model_bytes": params * DTYPES[args.dtype].itemsize, "export_bytes": written,
               "shards": len(list(out_dir.glob("*.safetensors"))), "wall_s": wall, "peak_host_bytes": peak,
+              "code": subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip() or str(code),
               "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
               "command": "python -m pipeline.bench_export " + " ".join(argv if argv is not None else sys.argv[1:])}
     if not args.keep:

@@ -836,30 +836,30 @@ def cost(p: Plan) -> dict:
                               "lower_bound": p.hardware.lora_efficiency_for(p.workload.feature_dtype) is None,
                               "gradient_checkpointing": stage2["gradient_checkpointing"], "fits": stage2["fits"],
                               "memory_bytes_per_gpu": sum(stage2["memory"].values())
-                              + p.hardware.runtime_reserve_GB * GB}}
+                              + p.hardware.runtime_reserve_GB * GB,
+                              "memory_terms": stage2["memory"], "without_checkpointing_bytes": stage2["without_bytes"]}}
     for stage, (hours, paper_gpus) in PAPER_COSTS.get(p.model.name, {}).items():
         out[stage]["paper"] = {"wall_h": hours, "gpus": paper_gpus, "gpu_hours": hours * paper_gpus}
     return out
 
 
 def _cost_lines(p: Plan) -> list[str]:
-    lines = []
+    lines, costs = [], cost(p)
     if p.hardware.lora_activation_bytes is not None:
-        stage2 = lora_plan(p.model, p.limits, p.hardware, p.workload.seq_len)
-        terms, reserve = stage2["memory"], p.hardware.runtime_reserve_GB * GB
-        total = sum(terms.values()) + reserve
+        stage2 = costs["stage 2 (LoRA)"]
+        terms, reserve = stage2["memory_terms"], p.hardware.runtime_reserve_GB * GB
         where = f"ZeRO-3 over {max(p.limits.gpus, 1)} GPUs" if p.limits.gpus else "one CPU worker"
         setting = ("gradient checkpointing on (without it "
-                   f"{stage2['without_bytes'] / GB:.1f} GB)" if stage2["gradient_checkpointing"]
+                   f"{stage2['without_checkpointing_bytes'] / GB:.1f} GB)" if stage2["gradient_checkpointing"]
                    else "no gradient checkpointing needed")
-        lines.append(f"  stage 2 (LoRA): {where}, micro-batch 1 × {p.workload.seq_len}: {total / GB:.1f} GB per "
-                     f"GPU = weights {terms['weights_partition'] / GB:.1f} + 2 gathered layers "
+        lines.append(f"  stage 2 (LoRA): {where}, micro-batch 1 × {p.workload.seq_len}: "
+                     f"{stage2['memory_bytes_per_gpu'] / GB:.1f} GB per GPU = weights {terms['weights_partition'] / GB:.1f} + 2 gathered layers "
                      f"{terms['gathered_layers'] / GB:.1f} + logits {terms['logits'] / GB:.1f} + saved activations "
                      f"{terms['saved_activations'] / GB:.1f} + reserve {reserve / GB:.1f}; {setting}"
                      + ("" if stage2["fits"] else f"; over the {_limit(p.limits.gpu_memory, GB, 'GB')} of a GPU: "
                         "more GPUs or fewer tokens per micro-batch (the model's checks are within 2%; its "
                         "2-gathered-layers term is the least certain at this size)"))
-    for stage, value in cost(p).items():
+    for stage, value in costs.items():
         kind = "FLOP-bound lower bound: " if value.get("lower_bound") else ""
         line = (f"  cost, {stage}: {kind}{value['wall_h']:.2f} h × {value['gpus']} GPUs = "
                 f"{value['gpu_hours']:.1f} GPU-hours")
