@@ -310,7 +310,7 @@ def table(result: dict) -> str:
     row("collect + transfer wall (s)", predicted.get("wall_s"), blocks.get("wall_s"))
     waits = [*(blocks.get("start_wait_s") or {}).get("collect", {}).values(),
              *(blocks.get("start_wait_s") or {}).get("transfer", {}).values()]
-    row("task start wait (s, max)", predicted.get("block_overhead_s"), max(waits) if waits else None)
+    row("task start wait (s, max)", predicted.get("task_start_s"), max(waits) if waits else None)
     peaks = [t["peak_gpu_bytes"] for t in blocks.get("transfer", []) if t.get("peak_gpu_bytes")]
     row("block GPU memory (GB, max)", (plan.get("per_block_memory_bytes") or 0) / GB or None,
         max(peaks) / GB if peaks else None)

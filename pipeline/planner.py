@@ -124,7 +124,11 @@ class Hardware:
     """Effective rate of writing cache shards (safetensors serialisation, sha256, write, fsync). None: the raw
     disk_write_GBps."""
     task_overhead_s: float | None = None
-    """Seconds per Ray task beyond its modelled work: dispatch, worker and CUDA start, plan and cache indexes."""
+    """Seconds per Ray task, inside it, beyond its modelled work: CUDA start, plan and cache indexes."""
+    task_start_s: float | None = None
+    """Seconds from a task's submission, its GPU free, to its function starting: Ray starts a fresh worker process
+    for every GPU task (cluster/blocks.py, max_calls=1), which imports torch and the project. In the collect
+    chain and the schedule, not in a task's own wall."""
     lora_efficiency: float | None = None
     """Stage 2: tokens/s per rank (ZeRO-3) over the FLOP bound at layer_tflops (4 FLOPs per token per matmul
     weight: forward and activation gradients; 6 with gradient checkpointing). A ratio. Measured with fp32
@@ -145,8 +149,8 @@ class Hardware:
     source: str = ""
 
     FITTED = ("stage1_attention_slowdown", "stage1_attention_slowdown_model_features", "eval_step_fraction",
-              "weight_build_params_per_s", "host_copy_GBps", "cache_write_GBps", "task_overhead_s", "lora_efficiency",
-              "lora_efficiency_model_features", "lora_activation_bytes", "lora_startup_params_per_s")
+              "weight_build_params_per_s", "host_copy_GBps", "cache_write_GBps", "task_overhead_s", "task_start_s",
+              "lora_efficiency", "lora_efficiency_model_features", "lora_activation_bytes", "lora_startup_params_per_s")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "Hardware":
@@ -170,7 +174,7 @@ class Hardware:
             elif value is None and key in cls.FITTED:
                 values[key] = None
             else:
-                zero_ok = key in ("runtime_reserve_GB", "task_overhead_s")
+                zero_ok = key in ("runtime_reserve_GB", "task_overhead_s", "task_start_s")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
                         value == 0 and not zero_ok):
                     raise ConfigError(f"--hardware: {source}: {key} must be "
@@ -237,6 +241,9 @@ class Workload:
     weights: str | None = None
     """'random' (deterministic weights generated on the host) or 'checkpoint' (safetensors read from disk);
     None: the model preset's (model.weights)."""
+    lora_tokens: int | None = None
+    """Stage 2's training tokens (finetune.train_tokens); None: as many as stage 1 trains on (the LoLCATs recipe:
+    20M and 20M)."""
 
     @property
     def train_sequences(self) -> int:
@@ -474,7 +481,8 @@ def collect_tasks(model: ModelConfig, k: int, workload: Workload, hardware: Hard
     """Seconds of each collect task, by part. Task b writes boundary b: task 0 embeds the token rows; task b > 0
     builds block b-1's teacher layers, reads boundary b-1 and runs those layers over it (the last block's layers
     are never run in collect). Every boundary moves from the GPU to the host once, and the inputs of task b > 0
-    to the GPU once more (host_copy_GBps)."""
+    to the GPU once more (host_copy_GBps). Each task waits task_start_s for its worker first: the chain's tasks
+    start one after another."""
     d = model.hidden_size
     tokens = workload.train_tokens_stored + workload.val_tokens
     hidden = tokens * d * BF16  # what crosses between GPU and host
@@ -485,13 +493,14 @@ def collect_tasks(model: ModelConfig, k: int, workload: Workload, hardware: Hard
         return times * hidden / (hardware.host_copy_GBps * GB) if hardware.host_copy_GBps else 0.0
 
     write = boundary / ((hardware.cache_write_GBps or hardware.disk_write_GBps) * GB)
-    overhead = hardware.task_overhead_s or 0.0
-    tasks = [{"overhead": overhead, "build": build_seconds(model.vocab_size * d, model, workload, hardware),
+    overhead, start = hardware.task_overhead_s or 0.0, hardware.task_start_s or 0.0
+    tasks = [{"start": start, "overhead": overhead,
+              "build": build_seconds(model.vocab_size * d, model, workload, hardware),
               "read": 0.0, "compute": copies(1), "write": write}]
     for layers in block_layers(model, k)[:-1]:
         forward = tokens * layers * (flops["gemm"] + flops["sdpa_causal"]) / (hardware.layer_tflops * 1e12)
-        tasks.append({"overhead": overhead, "build": build_seconds(layers * model.params_per_layer, model, workload,
-                                                                   hardware),
+        tasks.append({"start": start, "overhead": overhead,
+                      "build": build_seconds(layers * model.params_per_layer, model, workload, hardware),
                       "read": boundary / (hardware.disk_read_GBps * GB), "compute": forward + copies(2),
                       "write": write})
     return tasks
@@ -544,10 +553,13 @@ def block_times(model: ModelConfig, k: int, workload: Workload, hardware: Hardwa
     collect = collect_tasks(model, k, workload, hardware)
     blocks = {n: block_task(model, n, workload, hardware) for n in set(block_layers(model, k))}
     collect_s = sum(sum(task.values()) for task in collect)
+    start = hardware.task_start_s or 0.0  # a transfer task's worker starts too; its own wall (block_s) excludes it
     wall = schedule_wall_s([sum(task.values()) for task in collect],
-                           [blocks[n]["total"] for n in block_layers(model, k)], limits.workers)
+                           [start + blocks[n]["total"] for n in block_layers(model, k)], limits.workers)
     full = blocks[k]  # block_layers always starts with k
     return {
+        "task_start_s": start,
+        "collect_start_s": sum(t["start"] for t in collect),
         "collect_overhead_s": sum(t["overhead"] for t in collect),
         "collect_build_s": sum(t["build"] for t in collect),
         "collect_compute_s": sum(t["compute"] for t in collect),
@@ -637,6 +649,10 @@ def _why_slower(c: Candidate, best: Candidate, limits: Limits) -> list[str]:
 
 def _tb(nbytes: float) -> str:
     return f"{nbytes / TB:.2f} TB" if nbytes >= 0.1 * TB else f"{nbytes / GB:.1f} GB"
+
+
+def _count(tokens: float) -> str:
+    return f"{tokens / 1e6:.3g}M" if tokens >= 1e6 else f"{tokens / 1e3:.3g}K"
 
 
 def _limit(value: int | None, unit: float, name: str) -> str:
@@ -819,9 +835,10 @@ def lora_plan(model: ModelConfig, limits: Limits, hardware: Hardware, seq_len: i
 
 def lora_stage_s(model: ModelConfig, workload: Workload, hardware: Hardware, gpus: int,
                  gradient_checkpointing: bool = False) -> float:
-    """Stage 2 over the same number of tokens as stage 1, on all GPUs: start-up plus training. A FLOP-bound lower
-    bound when the preset has no lora_efficiency."""
-    train = workload.tokens * workload.epochs / (max(gpus, 1) * lora_tokens_per_s(
+    """Stage 2 over workload.lora_tokens (default: stage 1's tokens), on all GPUs: start-up plus training. A
+    FLOP-bound lower bound when the preset has no lora_efficiency."""
+    tokens = workload.lora_tokens if workload.lora_tokens is not None else workload.tokens * workload.epochs
+    train = tokens / (max(gpus, 1) * lora_tokens_per_s(
         model, hardware, gradient_checkpointing, workload.feature_dtype))
     return lora_startup_s(model, hardware, gpus) + train
 
@@ -831,8 +848,11 @@ def cost(p: Plan) -> dict:
     c, gpus = p.chosen, max(p.limits.gpus, 1)
     stage2 = lora_plan(p.model, p.limits, p.hardware, p.workload.seq_len)
     stage2_s = lora_stage_s(p.model, p.workload, p.hardware, p.limits.gpus, stage2["gradient_checkpointing"])
-    out = {"stage 1": {"wall_h": c.wall_s / HOUR, "gpus": gpus, "gpu_hours": c.wall_s / HOUR * gpus},
+    w = p.workload
+    out = {"stage 1": {"wall_h": c.wall_s / HOUR, "gpus": gpus, "gpu_hours": c.wall_s / HOUR * gpus,
+                       "tokens": w.tokens * w.epochs},
            "stage 2 (LoRA)": {"wall_h": stage2_s / HOUR, "gpus": gpus, "gpu_hours": stage2_s / HOUR * gpus,
+                              "tokens": w.lora_tokens if w.lora_tokens is not None else w.tokens * w.epochs,
                               "lower_bound": p.hardware.lora_efficiency_for(p.workload.feature_dtype) is None,
                               "gradient_checkpointing": stage2["gradient_checkpointing"], "fits": stage2["fits"],
                               "memory_bytes_per_gpu": sum(stage2["memory"].values())
@@ -862,7 +882,7 @@ def _cost_lines(p: Plan) -> list[str]:
     for stage, value in costs.items():
         kind = "FLOP-bound lower bound: " if value.get("lower_bound") else ""
         line = (f"  cost, {stage}: {kind}{value['wall_h']:.2f} h × {value['gpus']} GPUs = "
-                f"{value['gpu_hours']:.1f} GPU-hours")
+                f"{value['gpu_hours']:.1f} GPU-hours over {_count(value['tokens'])} tokens")
         if "paper" in value:
             paper = value["paper"]
             line += (f" (LoLCATs paper: {paper['wall_h']:g} h on {paper['gpus']} H100s = "
@@ -891,6 +911,7 @@ def _constants_line(hw: Hardware) -> str:
         (hw.host_copy_GBps, lambda v: f"GPU<->host copies {v:g} GB/s"),
         (hw.cache_write_GBps, lambda v: f"cache writes {v:g} GB/s"),
         (hw.task_overhead_s, lambda v: f"{v:g} s per task"),
+        (hw.task_start_s, lambda v: f"{v:g} s to start a task's worker"),
         (hw.lora_efficiency, lambda v: f"stage-2 efficiency {v:g} (fp32 features)"),
         (hw.lora_efficiency_model_features, lambda v: f"{v:g} (model-dtype features)"),
         (hw.lora_startup_params_per_s, lambda v: f"stage-2 start {v / 1e6:g}M params/s per rank"),
@@ -949,13 +970,15 @@ def format_plan(p: Plan, all_rows: bool = False) -> str:
     out.append(f"  collect: a chain of {c.num_blocks} tasks, one per boundary, each after the one before: teacher "
                f"forward of {m.num_layers - c.last_block_layers} layers over all tokens with GPU<->host copies "
                f"{_dur(t['collect_compute_s'])} + building weights {_dur(t['collect_build_s'])} + cache I/O "
-               f"{_dur(t['collect_io_s'])} + task overheads {_dur(t['collect_overhead_s'])} = {_dur(t['collect_s'])}")
+               f"{_dur(t['collect_io_s'])} + task overheads {_dur(t['collect_overhead_s'])} + worker starts "
+               f"{_dur(t['collect_start_s'])} = {_dur(t['collect_s'])}")
     out.append(f"  one block: overhead {_dur(t['block_overhead_s'])} + {weights_source(m, w)} weights "
                f"{_dur(t['block_build_s'])} + {w.evaluations} evaluations {_dur(t['block_eval_s'])} + training "
                f"{_dur(t['block_train_s'])} (teacher GEMMs {_dur(t['block_gemm_s'])} + {hybrid}; the boundary read "
                f"{_dur(t['block_io_s'])} overlaps it) = {_dur(t['block_s'])}")
-    out.append(f"  wall: {_dur(t['wall_s'])}: block b starts when boundary b is complete, the last one after the whole "
-               f"collect chain ({c.waves} wave{'s' if c.waves > 1 else ''})")
+    start = f" {_dur(t['task_start_s'])} (its worker's start)" if t["task_start_s"] else ""
+    out.append(f"  wall: {_dur(t['wall_s'])}: block b starts{start} after boundary b is complete, the last one after "
+               f"the whole collect chain ({c.waves} wave{'s' if c.waves > 1 else ''})")
     out += _cost_lines(p)
     return "\n".join(out)
 
@@ -981,7 +1004,8 @@ def run_inputs(config: RunConfig) -> tuple[Workload, Limits]:
                         val_sequences=config.data.validation_sequences, micro_batch=transfer.micro_batch_size,
                         kernel="chunked", feature_dim=config.attention.feature_dim,
                         feature_dtype=config.attention.feature_dtype, window_size=config.attention.window_size,
-                        grad_accum=transfer.grad_accum, eval_every=transfer.eval_every)
+                        grad_accum=transfer.grad_accum, eval_every=transfer.eval_every,
+                        lora_tokens=config.finetune.train_tokens)
     limits = Limits(gpus=cluster.num_gpus, gpu_memory=cluster.gpu_memory or None,
                     host_memory=cluster.host_memory or None, disk=cluster.disk or None)
     return workload, limits
@@ -1065,6 +1089,15 @@ def _block_rows(transfers: list[dict], model: ModelConfig, workload: Workload, h
     ]
 
 
+def had_fresh_workers(run: dict) -> bool:
+    """Whether a run JSON's GPU tasks each started a fresh Ray worker (task_start_s). They have since session 4's
+    stage-2 fix; the same commit made bench_scale record finetune.gradient_checkpointing, and tasks carry start
+    stamps (started_at) since shortly after. JSON with neither comes from runs that reused workers."""
+    tasks = [*run.get("blocks", {}).get("collect", []), *run.get("blocks", {}).get("transfer", [])]
+    return ("gradient_checkpointing" in run.get("config", {}).get("finetune", {})
+            or any("started_at" in task for task in tasks))
+
+
 def _stage1_rows(run: dict, cand: Candidate, model: ModelConfig, workload: Workload, hardware: Hardware,
                  source: str) -> list[dict]:
     """Collect, each part of a block, the wall, block memory and cache of a run JSON with 'blocks'."""
@@ -1073,15 +1106,17 @@ def _stage1_rows(run: dict, cand: Candidate, model: ModelConfig, workload: Workl
     faults = run.get("faults_fired") or []
     note = ("blocks ran beside the collect chain" if with_collect else "blocks ran alone") + (
         "; blocks resumed after a fault are left out" if faults else "")
+    reused = "" if had_fresh_workers(run) else "workers reused (before session 4's fix): no worker starts planned"
     rows = []
     if with_collect:
         rows.append(_check_row(f"collect: chain of {cand.num_blocks} tasks (s)", cand.times["collect_s"],
-                               _field(run, "blocks.collect_wall_s", source)))
+                               _field(run, "blocks.collect_wall_s", source), reused))
     rows += _block_rows(transfers, model, workload, hardware, source, note)
     if with_collect and transfers:  # a run stopped after collect (`--until collect`) has no stage-1 wall
         rows.append(_check_row("collect + transfer wall (s)", cand.times["wall_s"],
                                _field(run, "blocks.wall_s", source),
-                               f"faults fired: {', '.join(faults)}" if faults else ""))
+                               "; ".join(part for part in (reused, f"faults fired: {', '.join(faults)}"
+                                                           if faults else "") if part)))
     peaks = [_field(t, "peak_gpu_bytes", f"{source} transfer[{i}]") for i, t in enumerate(transfers)]
     if peaks:
         rows.append(_check_row("block memory, torch peak (GB; plan minus runtime reserve)",
@@ -1113,13 +1148,20 @@ def _stage2_rows(run: dict, config: RunConfig, hardware: Hardware, source: str) 
                             checkpointing)
         rows.append(_check_row("stage 2: GPU memory per rank, torch peak (GB)", sum(terms.values()) / GB,
                                max(peaks) / GB, note))
-    return rows + [
+    rows += [
         _check_row("stage 2: tokens/s per rank",
                    lora_tokens_per_s(model, hardware, checkpointing, config.attention.feature_dtype),
                    _mean([r["tokens_per_s"] for r in ranks]), note),
         _check_row("stage 2: model build + engine start (s)", lora_startup_s(model, hardware, world),
                    _mean([r["init_s"] for r in ranks]), note),
     ]
+    stage_s = (run.get("stage_times_s") or {}).get("finetune")
+    whole = not partial and not any(rank.get("resumed_from_step") for rank in ranks)
+    if stage_s and whole:  # the whole stage in one go: start, training, evaluations, checkpoints, the adapter
+        workload, _ = run_inputs(config)
+        rows.append(_check_row(f"stage 2: the stage's wall, {_count(workload.lora_tokens)} tokens (s)",
+                               lora_stage_s(model, workload, hardware, world, checkpointing), stage_s, note))
+    return rows
 
 
 def measured_run_config(data: dict) -> RunConfig:
@@ -1141,6 +1183,8 @@ def check_runs(paths: list[str], hardware: str | None = None) -> dict:
         source = ", ".join(run["files"])
         config = measured_run_config(_field(run, "config", source))
         hw = load_hardware(hardware or _field(run, "plan.hardware_preset", source))
+        if "blocks" in run and not had_fresh_workers(run):
+            hw = dataclasses.replace(hw, task_start_s=None)
         k = int(_field(run, "plan.k", source))
         model = config.model
         workload, limits = run_inputs(config)
@@ -1165,10 +1209,12 @@ def check_runs(paths: list[str], hardware: str | None = None) -> dict:
         for i, entry in enumerate(_field(data, "rows", path)):
             where = f"{path} rows[{i}]"
             gpus = _field(entry, "gpus", where)
+            start = (hw.task_start_s or 0.0) if had_fresh_workers(entry) else 0.0  # each block's worker, first
             run_rows = _block_rows(_field(entry, "blocks.transfer", where), model, workload, hw, where,
                                    "blocks ran alone (stage 1 only)")
             run_rows.append(_check_row(f"transfer wall, {len(block_totals)} blocks on {gpus} GPUs (s)",
-                                       schedule_wall_s([0.0] * len(block_totals), block_totals, gpus),
+                                       schedule_wall_s([0.0] * len(block_totals),
+                                                       [start + total for total in block_totals], gpus),
                                        _field(entry, "transfer_wall_s", where)))
             role = "fit" if model.name == hw.fitted_on else "check"
             rows += [{"run": f"{Path(path).stem} ({gpus} GPUs)", "model": model.name, "gpus": gpus, "role": role,
@@ -1205,6 +1251,7 @@ def format_check(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model preset name (configs/models) or a path to a config.json")
     parser.add_argument("--tokens", help="stage-1 training tokens, e.g. 20M")
+    parser.add_argument("--lora-tokens", help="stage-2 training tokens, e.g. 20M (default: as many as --tokens)")
     parser.add_argument("--seq-len", type=int, default=1024, help="sequence length (default 1024)")
     parser.add_argument("--cluster", help="cluster preset (configs/clusters) for the limits; flags override it")
     parser.add_argument("--gpus", type=int, help="number of GPUs (0 = one CPU worker; default 1 or the cluster's)")
@@ -1318,6 +1365,8 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, Workload, L
         grad_accum=_positive(args.grad_accum, "--grad-accum"),
         eval_every=_positive(args.eval_every, "--eval-every"),
         weights=args.weights,
+        lora_tokens=(None if args.lora_tokens is None
+                     else _positive(parse_count(args.lora_tokens, "--lora-tokens"), "--lora-tokens")),
     )
     if args.kernel not in KERNELS:
         raise ConfigError(f"--kernel: {args.kernel!r} is not one of {list(KERNELS)}")

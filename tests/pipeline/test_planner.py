@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_model_config
+from pipeline.config import ConfigError, load_model_config, resolve_run_config
 from pipeline.planner import (KERNEL_PROFILES, Limits, Workload, add_arguments, block_times, check_runs,
                               hardware_names, layer_terms, load_hardware, lora_memory, lora_stage_s, lora_tokens_per_s,
                               main, measured_run_config, plan, plan_to_dict, run_inputs, schedule_wall_s,
@@ -104,6 +104,13 @@ def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
     assert f"cost, stage 1: {stage1['wall_h']:.2f} h × {gpus} GPUs" in text
     assert "LoLCATs paper: 16 h on 24 H100s = 384 GPU-hours" in text
     assert "not measured for h100, so left out: weight_build_params_per_s" in text
+    assert "GPU-hours over 20M tokens (LoLCATs paper: 16 h" in text
+    # --lora-tokens: stage 2 on more tokens than stage 1 costs more; a bad count names the flag.
+    code, longer = run_json(argv + ["--lora-tokens", "40M"], capsys)
+    assert longer["cost"]["stage 2 (LoRA)"]["gpu_hours"] == pytest.approx(2 * stage2["gpu_hours"], rel=1e-6)
+    assert longer["cost"]["stage 2 (LoRA)"]["tokens"] == 40_000_000 and longer["cost"]["stage 1"] == stage1
+    with pytest.raises(ConfigError, match="--lora-tokens"):
+        main(parse(argv + ["--lora-tokens", "-5"]))
 
 
 def test_less_disk_moves_k_and_more_gpus_do_not_shorten_the_collect_chain(capsys):
@@ -380,6 +387,16 @@ def test_check_reproduces_the_committed_json(tmp_path, capsys):
     for quantity in ("stage 2: tokens/s per rank", "stage 2: model build + engine start (s)",
                      "one block: load = overhead + weights + first evaluation (s)"):  # the session-11 refits
         assert fitted[("scale_run_llama3.1-70b_2gpu_session11", quantity)] == pytest.approx(1, abs=0.02), quantity
+    # Session 12's 70B run, which no constant was fitted on, through 200 LoRA steps and the export: every time and
+    # memory row within 20% but the 16 timed stage-1 micro-steps (3.6 s measured; the constant is from 8B blocks);
+    # the collect chain and the wall since task_start_s (fresh workers), the whole stage 2 with its tokens.
+    session12 = {r["quantity"]: r for r in rows if r["run"] == "scale_run_llama3.1-70b_2gpu_session12"}
+    assert session12 and {r["role"] for r in session12.values()} == {"check"}
+    assert [q for q, r in session12.items() if not r["within"]] == ["one block: training, timed micro-steps (s)"]
+    assert session12["stage 2: the stage's wall, 410K tokens (s)"]["ratio"] == pytest.approx(1, abs=0.03)
+    # Runs from before session 4's fresh workers are planned without worker starts, and say so.
+    old_8b = next(r for r in rows if r["run"] == "scale_run_llama3-8b_4gpu" and r["quantity"].startswith("collect:"))
+    assert "workers reused" in old_8b["note"] and old_8b["within"]
     assert "one block: task wall (s)" in text and "within 20%?" in text
 
 
@@ -501,6 +518,14 @@ def test_each_fitted_term_moves_the_plan_the_expected_way():
     no_overhead = times(dataclasses.replace(h200, task_overhead_s=None))
     assert base["collect_s"] - no_overhead["collect_s"] == pytest.approx(4 * h200.task_overhead_s)
     assert base["block_s"] - no_overhead["block_s"] == pytest.approx(h200.task_overhead_s)
+    # A fresh worker's start: before each collect task (the chain waits for it) and before each block in the
+    # schedule, but outside a block's own wall. On one GPU everything runs in sequence: 4 + 4 starts.
+    no_start = times(dataclasses.replace(h200, task_start_s=None))
+    assert h200.task_start_s > 5 and base["task_start_s"] == h200.task_start_s and no_start["task_start_s"] == 0
+    assert base["collect_s"] - no_start["collect_s"] == pytest.approx(4 * h200.task_start_s)
+    assert base["block_s"] == no_start["block_s"]
+    one_gpu = times(h200, gpus=1)["wall_s"] - times(dataclasses.replace(h200, task_start_s=None), gpus=1)["wall_s"]
+    assert one_gpu == pytest.approx(8 * h200.task_start_s)
 
 
 def test_collect_is_a_chain_and_blocks_start_when_their_boundary_is_complete():
@@ -508,7 +533,7 @@ def test_collect_is_a_chain_and_blocks_start_when_their_boundary_is_complete():
     four, many = times(h200, gpus=4), times(h200, gpus=64)
     assert four["collect_s"] == many["collect_s"]  # one boundary at a time, whatever the GPUs
     # One wave: the last block starts after the whole chain.
-    assert four["wall_s"] == pytest.approx(four["collect_s"] + four["block_s"])
+    assert four["wall_s"] == pytest.approx(four["collect_s"] + four["task_start_s"] + four["block_s"])
     # The schedule: one GPU runs everything in sequence; blocks alone run in waves.
     assert schedule_wall_s([1.0, 2.0, 3.0], [10.0, 10.0, 10.0], 1) == pytest.approx(36.0)
     assert schedule_wall_s([0.0] * 4, [5.0] * 4, 2) == pytest.approx(10.0)
@@ -536,6 +561,13 @@ def test_stage2_rate_and_startup():
                                                             lora_efficiency_model_features=None), 4)
     assert slow - lora_stage_s(model, workload, dataclasses.replace(h200, lora_startup_params_per_s=None), 4) == \
         pytest.approx(8_030_261_248 / 4 / h200.lora_startup_params_per_s)
+    # Stage 2 trains on as many tokens as stage 1 unless told otherwise (finetune.train_tokens in a run config).
+    training_20m = lora_stage_s(model, workload, dataclasses.replace(h200, lora_startup_params_per_s=None), 4)
+    twice = lora_stage_s(model, dataclasses.replace(workload, lora_tokens=40_000_000), h200, 4)
+    assert twice - slow == pytest.approx(training_20m)
+    config = resolve_run_config({"model": "llama3-8b", "transfer": {"train_tokens": "16K"},
+                                 "finetune": {"train_tokens": 409600}})
+    assert run_inputs(config)[0].lora_tokens == 409600 and run_inputs(config)[0].tokens == 16_000
 
 
 def test_fitted_constants_in_presets(tmp_path):
@@ -545,12 +577,13 @@ def test_fitted_constants_in_presets(tmp_path):
     ratios = ("stage1_attention_slowdown", "stage1_attention_slowdown_model_features", "eval_step_fraction",
               "lora_efficiency", "lora_efficiency_model_features")
     assert [getattr(h100, key) for key in ratios] == [getattr(h200, key) for key in ratios]
-    assert h100.left_out() == ["weight_build_params_per_s", "host_copy_GBps", "task_overhead_s",
+    assert h100.left_out() == ["weight_build_params_per_s", "host_copy_GBps", "task_overhead_s", "task_start_s",
                                "lora_startup_params_per_s"]
     base = (REPO / "configs" / "hardware" / "h100.yaml").read_text()
     for extra, message in [("host_copy_GBps: -1\n", "host_copy_GBps must be a positive number"),
                            ("stage1_slowdown: 3\n", "unknown keys"),
-                           ("task_overhead_s: fast\n", "task_overhead_s must be a number >= 0")]:
+                           ("task_overhead_s: fast\n", "task_overhead_s must be a number >= 0"),
+                           ("task_start_s: -10\n", "task_start_s must be a number >= 0")]:
         (tmp_path / "bad.yaml").write_text(base + extra)
         with pytest.raises(ConfigError, match=message):
             load_hardware(str(tmp_path / "bad.yaml"))
