@@ -331,9 +331,10 @@ def execute(driver: Driver) -> RunDir:
     if driver.until is not None and driver.until not in names:
         raise RunError(f"until: {driver.until!r} is not a stage of this pipeline; choose from {names}")
     log(f"run directory {run.url}: stages {' -> '.join(names)}")
+    done_before = {name for name in names if run.is_done(name)}
     for name, step in stages:
-        if run.is_done(name):
-            log(f"{name}: done already")
+        if run.is_done(name):  # by an earlier attempt, or just now by a stage that does its work too (collect)
+            log(f"{name}: done already" if name in done_before else f"{name}: done by the stage before it")
         else:
             run.mark(name, "running")
             started = time.perf_counter()
