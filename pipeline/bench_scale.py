@@ -10,6 +10,8 @@ Two modes, each sized for one device command of under 10 minutes:
         --faults "transfer:block=1:exit_after=30;finetune:exit_after=10:rank=1"
     # stage 1 again on the same cache with 1, 2 and 4 GPUs (hard links, nothing recomputed but transfer)
     python -m pipeline.bench_scale scaling --from-run /tmp/scale/llama3-8b-4gpu --gpus 1,2,4
+    # where a run's time went, as a PNG beside its JSON (`run` draws it too)
+    python -m pipeline.bench_scale timeline --run-json docs/results/scale/scale_run_llama3.1-70b_2gpu_session12.json
 
 What it records, per run: the planner's prediction (plan.json: k, per-block GPU memory, cache bytes, collect /
 block / wall seconds with the hardware preset named by the cluster) beside what happened: wall seconds per stage
@@ -39,7 +41,7 @@ from pathlib import Path
 import yaml
 
 GB = 1e9
-MODES = ("run", "scaling")
+MODES = ("run", "scaling", "timeline")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +329,101 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------
+# Where the time went: a timeline of a run JSON
+
+
+def timeline_rows(result: dict) -> list[tuple[str, list[tuple[float, float, str]]]]:
+    """A run JSON's time, as rows of (label, [(start s, length s, kind)]) from the run's start. The stages are laid
+    end to end from stage_times_s (each stage's wall; the driver's few seconds between stages are left out). Inside
+    the collect stage, which also runs the transfer, each task is placed by its own clock stamps, with the wait
+    before it ('start': from the moment it could start, a fresh worker's start included) and, for a block, its
+    load (building its layers, the first evaluation) apart from the rest. Stage 2's ranks show their build and
+    engine start, then training; the rest of the stage is evaluations, checkpoints and the adapter."""
+    stages = result.get("stage_times_s") or {}
+    offsets, at = {}, 0.0
+    for stage, seconds in stages.items():
+        offsets[stage], at = at, at + seconds
+    rows: list[tuple[str, list[tuple[float, float, str]]]] = [
+        ("stages", [(offsets[stage], seconds, stage) for stage, seconds in stages.items()])]
+    blocks = result.get("blocks") or {}
+    collect = sorted((c for c in blocks.get("collect", []) if c.get("started_at")), key=lambda c: c["started_at"])
+    if collect and "collect" in offsets and blocks.get("collect_wall_s"):
+        zero = collect[-1]["ended_at"] - blocks["collect_wall_s"]  # the collect stage's start, on the tasks' clock
+
+        def place(stamp: float) -> float:
+            return offsets["collect"] + stamp - zero
+
+        ready = zero
+        for task in collect:
+            rows.append((f"collect boundary {task['boundary']}",
+                         [(place(ready), task["started_at"] - ready, "start"),
+                          (place(task["started_at"]), task["ended_at"] - task["started_at"], "collect")]))
+            ready = task["ended_at"]
+        warm = blocks.get("warm_up") or {}
+        if warm.get("started_at"):
+            rows.append(("kernel warm-up", [(place(warm["started_at"]), warm["ended_at"] - warm["started_at"],
+                                              "warm-up")]))
+        ended = {c["boundary"]: c["ended_at"] for c in collect}
+        for block in blocks.get("transfer", []):
+            if not block.get("started_at"):
+                continue
+            begin = block["started_at"]
+            parts = [(place(begin), block.get("load_s", 0.0), "block load"),
+                     (place(begin) + block.get("load_s", 0.0), block["ended_at"] - begin - block.get("load_s", 0.0),
+                      "block train + eval")]
+            if block["block"] in ended:
+                parts.insert(0, (place(ended[block["block"]]), begin - ended[block["block"]], "start"))
+            rows.append((f"transfer block {block['block']}", parts))
+    for rank in (result.get("finetune") or {}).get("ranks", []):
+        if "finetune" in offsets and rank.get("init_s") is not None:
+            start = offsets["finetune"]
+            rows.append((f"stage 2 rank {rank['rank']}",
+                         [(start, rank["init_s"], "stage-2 build"),
+                          (start + rank["init_s"], rank.get("train_s") or 0.0, "stage-2 training")]))
+    return rows
+
+
+TIMELINE_COLOURS = {"plan": "#999999", "collect": "#4c72b0", "transfer": "#55a868", "stitch": "#999999",
+                    "finetune": "#c44e52", "export": "#8172b2", "eval": "#999999", "start": "#dddddd",
+                    "warm-up": "#ccb974", "block load": "#8fbc8f", "block train + eval": "#2e7d32",
+                    "stage-2 build": "#e6a0a2", "stage-2 training": "#c44e52"}
+
+
+def plot_timeline(result: dict, path: Path) -> Path:
+    """timeline_rows as a PNG: one bar per row, time on x, a legend of the kinds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows = timeline_rows(result)
+    figure = Figure(figsize=(12.0, 1.4 + 0.42 * len(rows)))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    kinds = []
+    end = max((start + length for _, parts in rows for start, length, _ in parts), default=1.0)
+    for y, (label, parts) in enumerate(rows):
+        for start, length, kind in parts:
+            axes.broken_barh([(start, max(length, 0.0))], (y - 0.35, 0.7),
+                             facecolors=TIMELINE_COLOURS.get(kind, "#777777"), edgecolor="white", linewidth=0.5)
+            kinds += [kind] if kind not in kinds else []
+            if label == "stages" and length > 0.06 * end:  # name the long stages on their bar
+                axes.text(start + length / 2, y, f"{kind} {length:.0f} s", ha="center", va="center", color="white",
+                          fontsize=8)
+    axes.set_yticks(range(len(rows)), [label for label, _ in rows])
+    axes.invert_yaxis()
+    axes.set_xlabel("seconds from the run's start (stages end to end)")
+    axes.set_title(f"{result.get('model')} on {result.get('gpus')} GPU(s), {result.get('device', '')}: "
+                   f"{result.get('wall_s', 0):.0f} s, exit code {result.get('exit_code')}")
+    axes.grid(True, axis="x", alpha=0.3)
+    names = {"collect": "collect (+ transfer)"}  # the collect stage runs each block as its boundary is ready
+    axes.legend(handles=[Patch(color=TIMELINE_COLOURS.get(k, "#777777"), label=names.get(k, k)) for k in kinds],
+                loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=MODES)
@@ -355,11 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit-s", type=float, help="kill a run (its whole process group) after this many "
                         "seconds and report what it finished (exit code 124)")
     parser.add_argument("--from-run", help="scaling: the finished run whose cache is reused")
+    parser.add_argument("--run-json", help="timeline: a run JSON of this script, drawn as RUN_JSON's .png")
     parser.add_argument("--work-dir", default="/tmp/linearize-scale")
     parser.add_argument("--out", help="where the JSON goes (default $OUT, else the work directory)")
     args = parser.parse_args(argv)
     if args.layers_per_block != "auto":
         args.layers_per_block = int(args.layers_per_block)
+    if args.mode == "timeline":
+        if not args.run_json:
+            parser.error("timeline needs --run-json PATH (a JSON written by `run`)")
+        path = Path(args.run_json)
+        print(f"wrote {plot_timeline(json.loads(path.read_text()), path.with_suffix('.png'))}")
+        return 0
     if args.mode == "run":
         args.gpus = int(args.gpus)
         result = measure_run(args)
@@ -376,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / name).write_text(json.dumps(result, indent=1, default=str))
     print(table(result))
     print(f"wrote {out / name}")
+    if args.mode == "run":
+        print(f"wrote {plot_timeline(result, (out / name).with_suffix('.png'))}")
     return 0 if all(r.get("exit_code", 0) == 0 for r in result.get("rows", [result])) else 1
 
 

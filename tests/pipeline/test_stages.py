@@ -238,6 +238,38 @@ def test_start_waits_from_the_session6_70b_run():
     assert start_waits({"collect": [], "transfer": [{"block": 0}]}) == {"collect": {}, "transfer": {}}
 
 
+def test_timeline_of_the_session12_70b_run(tmp_path):
+    """bench_scale's timeline, on the committed 70B run through every stage: the stages end to end, each collect
+    task and block placed by its own stamps after the wait before it, the stage-2 ranks' build then training, and
+    a PNG drawn from it."""
+    import json
+    from pathlib import Path
+
+    from pipeline.bench_scale import main, timeline_rows
+
+    path = Path(__file__).resolve().parents[2] / "docs/results/scale/scale_run_llama3.1-70b_2gpu_session12.json"
+    result = json.loads(path.read_text())
+    rows = dict(timeline_rows(result))
+    stages = rows["stages"]
+    assert [kind for _, _, kind in stages] == ["plan", "collect", "stitch", "finetune", "export", "eval"]
+    assert all(a + length == pytest.approx(b) for (a, length, _), (b, _, _) in zip(stages, stages[1:]))
+    collect_start, collect_s = stages[1][0], stages[1][1]
+    # Boundary 1 waits (its worker starts) after boundary 0 ends, then runs; all of stage 1 lies inside collect.
+    (wait0, run0), (wait1, run1) = rows["collect boundary 0"], rows["collect boundary 1"]
+    assert wait1[0] == pytest.approx(run0[0] + run0[1]) and wait1[1] == pytest.approx(11.0, abs=0.1)
+    for label in ("collect boundary 1", "transfer block 0", "transfer block 1", "kernel warm-up"):
+        start, length, _ = rows[label][-1]
+        assert collect_start <= rows[label][0][0] and start + length <= collect_start + collect_s + 1e-6, label
+    block0 = {kind: length for _, length, kind in rows["transfer block 0"]}
+    assert block0["block load"] == pytest.approx(result["blocks"]["transfer"][0]["load_s"])
+    rank = {kind: (start, length) for start, length, kind in rows["stage 2 rank 0"]}
+    assert rank["stage-2 build"][0] == pytest.approx(stages[3][0]) and rank["stage-2 training"][1] == \
+        pytest.approx(result["finetune"]["ranks"][0]["train_s"])
+    copy = tmp_path / "run.json"
+    copy.write_text(path.read_text())
+    assert main(["timeline", "--run-json", str(copy)]) == 0 and (tmp_path / "run.png").stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("gpus, with_transfer, ready, trained, expected", [
     (4, True, [True, False, False], [False, False, False], True),    # collect under way, blocks to train
     (0, True, [True, False, False], [False, False, False], False),   # CPU: the torch path compiles nothing
