@@ -246,6 +246,11 @@ class Workload:
     20M and 20M)."""
 
     @property
+    def stage2_tokens(self) -> float:
+        """What stage 2 trains on: lora_tokens, else stage 1's tokens times its epochs."""
+        return self.lora_tokens if self.lora_tokens is not None else self.tokens * self.epochs
+
+    @property
     def train_sequences(self) -> int:
         return math.ceil(self.tokens / self.seq_len)
 
@@ -837,8 +842,7 @@ def lora_stage_s(model: ModelConfig, workload: Workload, hardware: Hardware, gpu
                  gradient_checkpointing: bool = False) -> float:
     """Stage 2 over workload.lora_tokens (default: stage 1's tokens), on all GPUs: start-up plus training. A
     FLOP-bound lower bound when the preset has no lora_efficiency."""
-    tokens = workload.lora_tokens if workload.lora_tokens is not None else workload.tokens * workload.epochs
-    train = tokens / (max(gpus, 1) * lora_tokens_per_s(
+    train = workload.stage2_tokens / (max(gpus, 1) * lora_tokens_per_s(
         model, hardware, gradient_checkpointing, workload.feature_dtype))
     return lora_startup_s(model, hardware, gpus) + train
 
@@ -852,7 +856,7 @@ def cost(p: Plan) -> dict:
     out = {"stage 1": {"wall_h": c.wall_s / HOUR, "gpus": gpus, "gpu_hours": c.wall_s / HOUR * gpus,
                        "tokens": w.tokens * w.epochs},
            "stage 2 (LoRA)": {"wall_h": stage2_s / HOUR, "gpus": gpus, "gpu_hours": stage2_s / HOUR * gpus,
-                              "tokens": w.lora_tokens if w.lora_tokens is not None else w.tokens * w.epochs,
+                              "tokens": w.stage2_tokens,
                               "lower_bound": p.hardware.lora_efficiency_for(p.workload.feature_dtype) is None,
                               "gradient_checkpointing": stage2["gradient_checkpointing"], "fits": stage2["fits"],
                               "memory_bytes_per_gpu": sum(stage2["memory"].values())
@@ -1159,7 +1163,7 @@ def _stage2_rows(run: dict, config: RunConfig, hardware: Hardware, source: str) 
     whole = not partial and not any(rank.get("resumed_from_step") for rank in ranks)
     if stage_s and whole:  # the whole stage in one go: start, training, evaluations, checkpoints, the adapter
         workload, _ = run_inputs(config)
-        rows.append(_check_row(f"stage 2: the stage's wall, {_count(workload.lora_tokens)} tokens (s)",
+        rows.append(_check_row(f"stage 2: the stage's wall, {_count(workload.stage2_tokens)} tokens (s)",
                                lora_stage_s(model, workload, hardware, world, checkpointing), stage_s, note))
     return rows
 
