@@ -1225,7 +1225,20 @@ def check_runs(paths: list[str], hardware: str | None = None) -> dict:
                       **row} for row in run_rows]
     used = [path for run in runs.values() for path in run["files"]] + [path for path, _ in scalings]
     return {"kind": CHECK_KIND, "tolerance": CHECK_TOLERANCE, "hardware": hardware, "files": used,
-            "runs": out_runs, "rows": rows}
+            "runs": out_runs, "rows": rows, "worker_starts": collect_chain_gaps(runs)}
+
+
+def collect_chain_gaps(runs: dict[str, dict]) -> dict:
+    """What task_start_s is fitted on: in each run with task stamps, the seconds between one collect task's end
+    and the next one's start (bench_scale.start_waits). {"runs", "gaps", "min_s", "max_s", "mean_s"}."""
+    from .bench_scale import start_waits  # the JSON's own reader of its stamps
+
+    per_run = [list(start_waits(run["blocks"])["collect"].values()) for run in runs.values() if "blocks" in run]
+    gaps = [gap for run_gaps in per_run for gap in run_gaps]
+    if not gaps:
+        return {"runs": 0, "gaps": 0}
+    return {"runs": sum(1 for run_gaps in per_run if run_gaps), "gaps": len(gaps), "min_s": min(gaps),
+            "max_s": max(gaps), "mean_s": sum(gaps) / len(gaps)}
 
 
 def format_check(result: dict) -> str:
@@ -1245,6 +1258,11 @@ def format_check(result: dict) -> str:
         note = f"  ({r['note']})" if r["note"] else ""
         out.append(f"  {r['quantity']:<{width}} {r['planned']:>10.2f} {r['measured']:>10.2f} {r['ratio']:>6.2f}  "
                    f"{'yes' if r['within'] else 'NO'}{note}")
+    starts = result.get("worker_starts") or {}
+    if starts.get("gaps"):
+        out += ["", f"worker starts between collect tasks (task_start_s is their mean): {starts['gaps']} gaps in "
+                    f"{starts['runs']} runs, {starts['min_s']:.2f}-{starts['max_s']:.2f} s, "
+                    f"mean {starts['mean_s']:.2f} s"]
     return "\n".join(out)
 
 

@@ -358,7 +358,12 @@ def test_check_reproduces_the_committed_json(tmp_path, capsys):
     out = tmp_path / "check.json"
     assert main(parse(["--check", *measured_runs(), "--hardware", "h200", "--out", str(out)])) == 0
     text = capsys.readouterr().out
-    rows = json.loads(out.read_text())["rows"]
+    checked_json = json.loads(out.read_text())
+    rows = checked_json["rows"]
+    # task_start_s is the mean of the collect chain's gaps that the check reports (13 gaps in the 6 stamped runs).
+    starts = checked_json["worker_starts"]
+    assert (starts["runs"], starts["gaps"]) == (6, 13) and "13 gaps in 6 runs" in text
+    assert starts["mean_s"] == pytest.approx(load_hardware("h200").task_start_s, abs=0.005)
     assert [(r["run"], r["quantity"]) for r in rows] == [(r["run"], r["quantity"]) for r in committed["rows"]]
     for row, old in zip(rows, committed["rows"]):
         assert row["ratio"] == pytest.approx(old["ratio"], rel=1e-9), row["quantity"]
