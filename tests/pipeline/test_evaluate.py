@@ -70,6 +70,13 @@ def test_gate_says_how_far_each_zero_shot_gap_is_from_the_noise():
     results["gate"] = {"model": "stage2", "passed": False, "checks": [piqa]}
     assert "(limit 0.67; -0.8 points, standard error of the difference 2.9)" in report(results)
 
+    # With per-item outcomes on both sides the note adds the paired figure and the items that split them.
+    results["models"]["swa64+4sinks"]["zero_shot"]["piqa"]["correct"] = "1100"
+    results["models"]["stage2"]["zero_shot"]["piqa"]["correct"] = "1010"
+    piqa = next(c for c in gate(results, EvalConfig())["checks"] if c["check"] == "piqa >= SWA+sinks")
+    assert piqa["note"] == ("-0.8 points, standard error of the difference 2.9; paired over the same items 40.8 "
+                            "(1 right here only, 1 for SWA+sinks only)")
+
 
 def test_gate_without_a_converted_model_says_so():
     verdict = gate({"models": {"teacher": model_result(10.0, {})}}, EvalConfig())

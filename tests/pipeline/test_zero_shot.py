@@ -1,6 +1,7 @@
 """Zero-shot tasks: harness formats on known items, the harness's token split, batched scoring against a
 one-by-one computation, the items file, argument errors, and SmolLM2 above chance on PIQA."""
 
+import json
 import math
 
 import pytest
@@ -251,6 +252,7 @@ def test_accuracy_and_length_normalization(random_lm, smollm2_tokenizer):
     p = result["acc_norm"]
     assert result["acc_norm_stderr"] == pytest.approx(math.sqrt(p * (1 - p) * 12 / 11 / 12))  # ddof 1
     assert (result["metric"], result["value"], result["n"]) == ("acc_norm", result["acc_norm"], 12)
+    assert result["correct"] == "".join("1" if c else "0" for c in correct_norm)  # the primary metric, item order
 
 
 def test_mmlu_macro_mean_and_items_file_evaluation(random_lm, smollm2_tokenizer, tmp_path):
@@ -260,6 +262,7 @@ def test_mmlu_macro_mean_and_items_file_evaluation(random_lm, smollm2_tokenizer,
     assert sorted(subjects) == ["anatomy", "virology", "world_religions"]
     assert result["acc"] == pytest.approx(sum(s["acc"] for s in subjects.values()) / 3)
     assert result["value"] == result["acc"] and result["n"] == 6 and result["num_fewshot"] == 5
+    assert all(s["correct"].count("1") / s["n"] == pytest.approx(s["acc"]) for s in subjects.values())
 
     path = tmp_path / "items.json.gz"
     export_items(path, tasks=("piqa", "winogrande"), limit=3)
@@ -288,3 +291,42 @@ def test_items_file_with_a_limit_per_task(tmp_path):
     assert load_items("mmlu", limit=1, seed=2, items_file=path) == load_items("mmlu", limit=1, seed=2)
     with pytest.raises(ValueError, match="exported with limit=5"):
         load_items("piqa", limit=6, seed=2, items_file=path)
+
+
+def test_paired_difference_counts_the_items_only_one_model_gets_right():
+    # Items 2 and 3 split the two models; items 1 and 4 agree and cancel.
+    paired = zero_shot.paired_difference({"correct": "1100"}, {"correct": "1010"})
+    assert (paired["difference"], paired["only_result"], paired["only_base"]) == (0.0, 1, 1)
+    assert paired["stderr"] == pytest.approx(math.sqrt(2 / 3) / 2)  # deltas 0, 1, -1, 0: ddof 1, n 4
+    # Agreeing on every item: no difference and no spread, however low the accuracy.
+    assert zero_shot.paired_difference({"correct": "0101"}, {"correct": "0101"})["stderr"] == 0.0
+    # Not the same items, or no per-item record (results written before it existed): nothing to pair.
+    assert zero_shot.paired_difference({"correct": "110"}, {"correct": "1010"}) is None
+    assert zero_shot.paired_difference({"correct": "1100"}, {"value": 0.5}) is None
+
+
+def test_paired_difference_for_mmlu_is_the_macro_mean_over_subjects():
+    ours = {"subjects": {"anatomy": {"correct": "11"}, "virology": {"correct": "1000"}}}
+    theirs = {"subjects": {"anatomy": {"correct": "01"}, "virology": {"correct": "1000"}}}
+    paired = zero_shot.paired_difference(ours, theirs)
+    assert paired["difference"] == pytest.approx((0.5 + 0.0) / 2)
+    assert paired["stderr"] == pytest.approx(math.sqrt(0.5 / 2 + 0.0) / 2)  # anatomy deltas 1, 0: variance 0.5
+    assert (paired["only_result"], paired["only_base"]) == (1, 0)
+    assert zero_shot.paired_difference(ours, {"subjects": {"anatomy": {"correct": "01"}}}) is None
+
+
+def test_paired_command_compares_two_models_of_one_results_file(tmp_path, capsys):
+    results = {"models": {
+        "teacher": {"zero_shot": {"arc_challenge": {"value": 0.5, "correct": "1010"}, "average": {"avg5": 0.5}}},
+        "stage2": {"zero_shot": {"arc_challenge": {"value": 0.75, "correct": "1110"}, "piqa": {"value": 0.5}}}}}
+    path, out = tmp_path / "results.json", tmp_path / "paired.json"
+    path.write_text(json.dumps(results))
+    assert zero_shot.main(["paired", str(path), "stage2", "teacher", "--out", str(out)]) == 0
+    assert "arc_challenge   75.0 vs  50.0: +25.0 points" in capsys.readouterr().out
+    row = json.loads(out.read_text())["tasks"]["arc_challenge"]
+    assert (row["only_result"], row["only_base"], row["difference"]) == (1, 0, 0.25)
+    with pytest.raises(ValueError, match="'swa' is not in these results"):
+        zero_shot.paired_table(results, "stage2", "swa")
+    del results["models"]["teacher"]["zero_shot"]["arc_challenge"]["correct"]
+    with pytest.raises(ValueError, match="share no task with per-item outcomes"):
+        zero_shot.paired_table(results, "stage2", "teacher")
