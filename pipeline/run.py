@@ -357,6 +357,44 @@ def _same_run(existing: RunConfig, new: RunConfig) -> bool:
     return dataclasses.replace(existing, run_dir=None).to_dict() == dataclasses.replace(new, run_dir=None).to_dict()
 
 
+STAGE1_FIELDS = ("model", "attention", "data", "transfer", "seed")
+"""What decides the stitched stage-1 state: a run may start from another's when these are equal."""
+STAGE1_FILES = (RunDir.plan_json, STITCHED_WEIGHTS, STITCHED_META, TRANSFER_MSE_JSON, TRANSFER_MSE_PNG)
+STAGE1_SOURCE_JSON = "stage1_source.json"
+
+
+def start_from_stage1_of(run: RunDir, config: RunConfig, source_url: str) -> RunConfig:
+    """Begin a new run in `run` at stage 2, with the stitched stage-1 state of the run in `source_url`: an A/B of
+    stage 2 (objective, budget, LoRA) without training stage 1 again. The two configs must agree on everything
+    stage 1 depends on (STAGE1_FIELDS; the cluster, finetune, export and eval sections may differ). Copies the
+    plan and stitched/ files, marks plan to stitch done, and records the source in stage1_source.json.
+    Returns `config` with the source's resolved block size."""
+    source = RunDir(source_url)
+    if not source.exists(RunDir.run_yaml) or not source.is_done("stitch"):
+        raise RunError(f"--stage1-from {source.url}: not a run whose stitch stage is done; run it with "
+                       f"`linearize run CONFIG --run-dir {source.url} --until stitch` first")
+    theirs = read_run_config(source)
+    if config.transfer.layers_per_block == "auto":
+        config = dataclasses.replace(config, transfer=dataclasses.replace(
+            config.transfer, layers_per_block=theirs.transfer.layers_per_block))
+    ours_dict, theirs_dict = config.to_dict(), theirs.to_dict()
+    differing = [key for key in STAGE1_FIELDS if ours_dict[key] != theirs_dict[key]]
+    if differing:
+        raise RunError(f"--stage1-from {source.url}: its {', '.join(differing)} differ from this config's, so its "
+                       f"stage 1 is not this run's; make them equal (only cluster, finetune, export and eval may "
+                       f"differ) or run stage 1 here")
+    run.makedirs()
+    for rel in STAGE1_FILES:
+        if source.exists(rel):
+            run.write_bytes(rel, source.read_bytes(rel))
+    run.write_text(RunDir.run_yaml, run_config_to_yaml(config))
+    run.write_json(STAGE1_SOURCE_JSON, {"source": source.url, "files": [r for r in STAGE1_FILES if run.exists(r)]})
+    for stage in ("plan", "collect", "transfer", "stitch"):
+        run.mark(stage, "done")
+    log(f"stage 1 from {source.url}: plan and stitched state copied; continuing at stage 2")
+    return config
+
+
 def default_run_dir(config: RunConfig, config_path: str | Path | None = None) -> str:
     if config.run_dir:
         return config.run_dir
@@ -365,9 +403,10 @@ def default_run_dir(config: RunConfig, config_path: str | Path | None = None) ->
 
 
 def run_pipeline(config: RunConfig | str | Path, run_dir: str | None = None, *, until: str | None = None,
-                 shard_bytes: int | None = None, faults: str | None = None) -> RunDir:
+                 shard_bytes: int | None = None, faults: str | None = None, stage1_from: str | None = None) -> RunDir:
     """Start (or continue) a run of `config` (a RunConfig or a YAML path) in `run_dir` (default: the config's
-    run_dir, else runs/<config name>). A directory holding another run's run.yaml is refused.
+    run_dir, else runs/<config name>). A directory holding another run's run.yaml is refused. A new run with
+    `stage1_from` (a run directory) starts at stage 2 from that run's stitched state (start_from_stage1_of).
     `faults` (tests only) defaults to $LINEARIZE_FAULT."""
     config_path = None
     if not isinstance(config, RunConfig):
@@ -381,6 +420,8 @@ def run_pipeline(config: RunConfig | str | Path, run_dir: str | None = None, *, 
                            f"continue it with `linearize resume {run.url}` or choose another --run-dir")
         config = existing
         log(f"{run.url} holds this run already: continuing it")
+    elif stage1_from is not None:
+        config = start_from_stage1_of(run, config, stage1_from)
     else:
         run.makedirs()
         run.write_text(RunDir.run_yaml, run_config_to_yaml(config))
@@ -417,6 +458,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               f"else {DEFAULT_RUNS_DIR}/<config name>)")
         parser.add_argument("--shard-size", help="target size of one cache shard, e.g. 512MB (default: the "
                                                  "planner's 512MB)")
+        parser.add_argument("--stage1-from", metavar="RUN", help="start a new run at stage 2 from RUN's stitched "
+                                                                 "stage-1 state (same model, attention, data, "
+                                                                 "transfer and seed; e.g. to compare stage-2 recipes)")
     parser.add_argument("--until", choices=stages, help="stop after this stage")
     parser.set_defaults(_command=command)
 
@@ -430,7 +474,8 @@ def main(args: argparse.Namespace) -> int:
             run = resume(args.run, until=args.until)
         else:
             shard_bytes = parse_bytes(args.shard_size, "--shard-size") if args.shard_size else None
-            run = run_pipeline(args.config, args.run_dir, until=args.until, shard_bytes=shard_bytes)
+            run = run_pipeline(args.config, args.run_dir, until=args.until, shard_bytes=shard_bytes,
+                               stage1_from=args.stage1_from)
     except (ConfigError, RunError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -154,6 +154,27 @@ def test_rerun_does_nothing_and_other_configs_are_refused(reference, tiny_config
         parse_faults("transfer:blok=1")
 
 
+def test_a_new_run_starts_at_stage_2_from_another_runs_stage_1(reference, tmp_path):
+    """--stage1-from: a stage-2 A/B reuses the stitched state; it is refused where stage 1 would differ."""
+    variant = tmp_path / "distill.yaml"
+    variant.write_text(yaml.safe_dump({**TINY, "finetune": {"objective": "distill", "lr": 3e-4}}))
+    run = run_pipeline(variant, str(tmp_path / "distill"), until="stitch", stage1_from=reference.url)
+    assert [run.is_done(stage) for stage in ("plan", "collect", "transfer", "stitch")] == [True] * 4
+    for rel in (STITCHED_WEIGHTS, STITCHED_META, TRANSFER_MSE_JSON, "plan.json"):
+        assert run.read_bytes(rel) == reference.read_bytes(rel)
+    assert not run.exists("cache") and run.read_json("stage1_source.json")["source"] == reference.url
+    config = load_run_config(run.path("run.yaml"))
+    assert (config.finetune.objective, config.finetune.lr) == ("distill", 3e-4)
+    # The same command again continues that run; another stage 1 is refused, naming what differs.
+    run_pipeline(variant, run.url, until="stitch", stage1_from=reference.url)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "seed": 1, "attention": {**TINY["attention"], "window_size": 16}}))
+    with pytest.raises(RunError, match=r"its attention, seed differ from this config's"):
+        run_pipeline(other, str(tmp_path / "other"), stage1_from=reference.url)
+    with pytest.raises(RunError, match="not a run whose stitch stage is done"):
+        run_pipeline(variant, str(tmp_path / "third"), stage1_from=str(tmp_path / "distill-missing"))
+
+
 def _files(root):
     return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
 
