@@ -349,11 +349,17 @@ def execute(driver: Driver) -> RunDir:
     return run
 
 
+def _with_block_size_of(config: RunConfig, existing: RunConfig) -> RunConfig:
+    """`config` with k 'auto' replaced by the k the plan of `existing` chose (a number stays as it is)."""
+    if config.transfer.layers_per_block != "auto":
+        return config
+    return dataclasses.replace(config, transfer=dataclasses.replace(
+        config.transfer, layers_per_block=existing.transfer.layers_per_block))
+
+
 def _same_run(existing: RunConfig, new: RunConfig) -> bool:
     """Whether a config describes the run already in a directory (k 'auto' matches the k the plan chose)."""
-    if new.transfer.layers_per_block == "auto":
-        new = dataclasses.replace(new, transfer=dataclasses.replace(
-            new.transfer, layers_per_block=existing.transfer.layers_per_block))
+    new = _with_block_size_of(new, existing)
     return dataclasses.replace(existing, run_dir=None).to_dict() == dataclasses.replace(new, run_dir=None).to_dict()
 
 
@@ -374,9 +380,7 @@ def start_from_stage1_of(run: RunDir, config: RunConfig, source_url: str) -> Run
         raise RunError(f"--stage1-from {source.url}: not a run whose stitch stage is done; run it with "
                        f"`linearize run CONFIG --run-dir {source.url} --until stitch` first")
     theirs = read_run_config(source)
-    if config.transfer.layers_per_block == "auto":
-        config = dataclasses.replace(config, transfer=dataclasses.replace(
-            config.transfer, layers_per_block=theirs.transfer.layers_per_block))
+    config = _with_block_size_of(config, theirs)
     ours_dict, theirs_dict = config.to_dict(), theirs.to_dict()
     differing = [key for key in STAGE1_FIELDS if ours_dict[key] != theirs_dict[key]]
     if differing:
