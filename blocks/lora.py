@@ -12,6 +12,7 @@ No storage and no DeepSpeed here: functions return bytes / modules and the pipel
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,6 +131,48 @@ def load_adapter_files(model: nn.Module, files: dict[str, bytes], trainable: boo
         raise ValueError(f"files: adapter tensors {sorted(expected ^ loaded)[:3]} do not match this model's LoRA "
                          "modules; was it trained on a model converted at the same layers?")
     return peft_model
+
+
+def lora_matrices(files: dict[str, bytes]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """An adapter's LoRA matrices by module name ('model.layers.3.self_attn.q_proj' -> {'A': .., 'B': ..}) and its
+    scaling (lora_alpha / r, or / sqrt(r) with rsLoRA): the module's update is scaling * B @ A."""
+    config = json.loads(files[ADAPTER_CONFIG])
+    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("adapter: DoRA and per-module ranks or alphas are not plain B @ A updates; this needs an "
+                         "adapter trained by linearize's stage 2 (one rank and alpha for every module)")
+    rank = config["r"]
+    scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    matrices: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_safetensors_bytes(files[ADAPTER_WEIGHTS]).items():
+        module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
+        matrices.setdefault(module, {})[which.removesuffix(".weight")] = tensor
+    return matrices, scaling
+
+
+def mix_adapters(adapters: list[dict[str, bytes]], weights: list[float]) -> dict[str, bytes]:
+    """One adapter whose update of every module is sum_i weights[i] * (adapter i's update), exactly: the A matrices
+    stacked and the B matrices, each times its weight and scaling, side by side (rank = the sum of the ranks,
+    lora_alpha = rank, so scaling 1). A weight-space blend of adapters trained from the same stitched model."""
+    if len(adapters) != len(weights) or len(adapters) < 2:
+        raise ValueError(f"weights: {len(weights)} weights for {len(adapters)} adapters; give one weight for each of "
+                         "two or more adapters")
+    parts = [lora_matrices(files) for files in adapters]
+    modules = set(parts[0][0])
+    for i, (matrices, _) in enumerate(parts[1:], start=1):
+        if set(matrices) != modules:
+            raise ValueError(f"adapters: adapter {i} targets {sorted(set(matrices) ^ modules)[:3]} ... that adapter 0 "
+                             "does not (or the reverse); mix adapters trained on the same converted model")
+    tensors = {}
+    for module in sorted(modules):
+        a = torch.cat([matrices[module]["A"].float() for matrices, _ in parts], dim=0)
+        b = torch.cat([weight * scaling * matrices[module]["B"].float()
+                       for (matrices, scaling), weight in zip(parts, weights)], dim=1)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    rank = sum(json.loads(files[ADAPTER_CONFIG])["r"] for files in adapters)
+    config = dict(json.loads(adapters[0][ADAPTER_CONFIG]), r=rank, lora_alpha=rank, use_rslora=False)
+    return {ADAPTER_CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+            ADAPTER_WEIGHTS: save_safetensors_bytes(tensors)}
 
 
 @contextmanager

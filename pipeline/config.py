@@ -272,7 +272,7 @@ class TransferConfig:
                 raise ConfigError(f"transfer.{key}: must be positive, got {getattr(self, key)}")
 
 
-OBJECTIVES = ("next_token", "distill")
+OBJECTIVES = ("next_token", "distill", "mixed")
 
 
 @dataclass(kw_only=True)
@@ -302,11 +302,19 @@ class FinetuneConfig:
     """'next_token' (the paper: cross-entropy on the training rows) or 'distill': token-level KL(teacher ||
     student) on the same rows, the teacher being the converted model itself with its adapters off and its converted
     layers in softmax mode, so no second copy is loaded (one extra no-grad forward per micro-batch). Distillation
-    pulls the model toward the original's predictions everywhere instead of toward the training text's domain."""
+    pulls the model toward the original's predictions everywhere instead of toward the training text's domain.
+    'mixed': (1 - distill_weight) * cross-entropy + distill_weight * KL at every position; its gradient is that of
+    cross-entropy against the blend (1 - w) * next token + w * teacher distribution (classic knowledge distillation),
+    so the text's domain is learned while the original's predictions anchor the short contexts."""
+    distill_weight: float = 0.5
+    """The KL's share of the 'mixed' objective, strictly between 0 (next_token) and 1 (distill)."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"finetune.objective: {self.objective!r} is not one of {list(OBJECTIVES)}")
+        if self.objective == "mixed" and not 0.0 < self.distill_weight < 1.0:
+            raise ConfigError(f"finetune.distill_weight: {self.distill_weight} is not strictly between 0 and 1; "
+                              "0 is objective next_token and 1 is objective distill")
         if self.schedule not in ("plateau", "cosine"):
             raise ConfigError(f"finetune.schedule: {self.schedule!r} is not one of ['plateau', 'cosine']")
         if self.warmup_steps < 0 or self.patience <= 0 or self.min_lr < 0:

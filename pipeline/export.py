@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from tqdm import tqdm
 
 from blocks.convert import AttentionSettings, convert_model, decoder_layers, hybrid_modules
-from blocks.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_files, merge_lora
+from blocks.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_files, lora_matrices, merge_lora
 
 from .config import ModelConfig
 from .finetune import ADAPTER_DIR, checkpoint_tensor_source, read_stitched
@@ -133,22 +132,6 @@ class _ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _lora_deltas(adapter: dict[str, bytes]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
-    """The adapter's LoRA matrices by module name ('model.layers.3.self_attn.q_proj' -> {'A': .., 'B': ..}) and
-    its scaling (lora_alpha / r), for merging one layer at a time."""
-    config = json.loads(adapter[ADAPTER_CONFIG])
-    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError("adapter: DoRA and per-module ranks cannot be merged layer by layer; export with "
-                         "--no-merge")
-    rank = config["r"]
-    scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    matrices: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_safetensors_bytes(adapter[ADAPTER_WEIGHTS]).items():
-        module, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
-        matrices.setdefault(module, {})[which.removesuffix(".weight")] = tensor
-    return matrices, scaling
-
-
 def _pieces(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, bool]]:
     """The model in pieces that are built, filled and written one at a time: each decoder layer (recursively)
     and each other module with parameters of its own, by name; (name, module, recurse)."""
@@ -184,7 +167,7 @@ def write_converted_weights(out: Path, model_config: ModelConfig, settings: Atte
         source = partial(random_value, model_config.seed)
     else:
         source = checkpoint_tensor_source(directory, base_names)
-    deltas, scaling = _lora_deltas(adapter) if adapter else ({}, 0.0)
+    deltas, scaling = lora_matrices(adapter) if adapter else ({}, 0.0)
     hybrid = hybrid_modules(model)
     writer, wanted, written = _ShardWriter(out), set(names), set()
     for prefix, piece, recurse in tqdm(_pieces(model), desc="export", unit="piece", mininterval=5):

@@ -4,8 +4,9 @@ Input (the stitch stage's contract): RUN/stitched/hybrid.safetensors (feature ma
 `layers.N.feature_map_q.weight` ..., global layer indices) and RUN/stitched/stitched.json
 ({"model": ModelConfig as a dict, "attention": {window_size, window_kind, feature_dim, gamma_init, feature_dtype},
 "base_model_sha256": ...}). Training: next-token loss on packed ShareGPT rows (or, with finetune.objective
-'distill', KL to the original model's predictions on them, see Stage2Worker._loss), DeepSpeed ZeRO-2 or 3
-(`finetune.zero_stage`), bf16 on GPU and fp32 on CPU, gradient accumulation, global-norm clipping, AdamW
+'distill', KL to the original model's predictions on them, or 'mixed', a weighted sum of the two; see
+Stage2Worker._loss), DeepSpeed ZeRO-2 or 3 (`finetune.zero_stage`), bf16 on GPU and fp32 on CPU, gradient
+accumulation, global-norm clipping, AdamW
 (weight decay 0), LR warmup then plateau (the paper's ReduceLROnPlateau: x0.1 after `patience` evals
 without improvement, floor min_lr) or cosine, periodic eval on the validation split, best-eval selection.
 
@@ -58,7 +59,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from blocks.convert import AttentionSettings, convert_model, load_hybrid_state_dict
-from blocks.lora import LoraSettings, adapter_files, add_lora, lora_parameters, teacher_view
+from blocks.lora import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, adapter_files, add_lora, lora_parameters, mix_adapters, teacher_view)
 
 from .config import ModelConfig, RunConfig
 from .rundir import RunDir
@@ -388,7 +390,9 @@ class TrainOptions:
     faults: tuple[Fault, ...] = ()
     """Fault injection from $LINEARIZE_FAULT (each fires once per run directory)."""
     objective: str = "next_token"
-    """'next_token' or 'distill' (pipeline.config.FinetuneConfig.objective)."""
+    """'next_token', 'distill' or 'mixed' (pipeline.config.FinetuneConfig.objective)."""
+    distill_weight: float = 0.5
+    """The KL's share of the 'mixed' objective."""
     return_weights: bool = False
     """Return every rank's view of the final LoRA weights (tests: equal across ranks)."""
 
@@ -407,7 +411,8 @@ def train_options(run: RunDir, config: RunConfig, plan: dict, use_gpu: bool, **e
         min_lr=cfg.min_lr, patience=cfg.patience, grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
         lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}, seed=config.seed,
-        use_gpu=use_gpu, gradient_checkpointing=cfg.gradient_checkpointing, objective=cfg.objective, **extra)
+        use_gpu=use_gpu, gradient_checkpointing=cfg.gradient_checkpointing, objective=cfg.objective,
+        distill_weight=cfg.distill_weight, **extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,22 +649,29 @@ class Stage2Worker:
         return (total[0] / total[1]).item()
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """The training objective on one micro-batch: next-token cross-entropy, or (distill) the token-mean KL
-        from the original model, whose logits come from a no-grad forward of the same engine in its teacher view."""
+        """The training objective on one micro-batch: next-token cross-entropy, the token-mean KL from the original
+        model (distill), whose logits come from a no-grad forward of the same engine in its teacher view, or their
+        weighted sum (mixed)."""
         if self.options.objective == "next_token":
             return self.engine(input_ids=batch, labels=batch).loss
         return self._token_losses(batch).mean()
 
     def _token_losses(self, batch: torch.Tensor) -> torch.Tensor:
-        """Per-token values of the objective, [rows, positions]: CE of each next token, or KL at each position."""
+        """Per-token values of the objective, [rows, positions]: CE of each next token, KL at each position, or
+        (mixed) (1 - w) * CE + w * KL at the positions that have a next token."""
         logits = self.engine(input_ids=batch).logits
-        if self.options.objective == "next_token":
-            logits = logits.float()
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(),
-                                   reduction="none").view(batch.shape[0], -1)
+        if self.options.objective in ("next_token", "mixed"):
+            cross_entropy = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(),
+                                            reduction="none").view(batch.shape[0], -1)
+            if self.options.objective == "next_token":
+                return cross_entropy
         with torch.no_grad(), teacher_view(self.engine.module):
             teacher_logits = self.engine(input_ids=batch).logits
-        return distillation_token_kl(logits, teacher_logits)
+        if self.options.objective == "distill":
+            return distillation_token_kl(logits, teacher_logits)
+        weight = self.options.distill_weight
+        kl = distillation_token_kl(logits[:, :-1], teacher_logits[:, :-1])
+        return (1.0 - weight) * cross_entropy + weight * kl
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch's rows (this rank's micro-batches of it)."""
@@ -860,6 +872,34 @@ def run_finetune(run_url: str, *, num_workers: int | None = None, use_gpu: bool 
     return result
 
 
+def write_mixed_adapter(run_url: str, sources: list[str], weights: list[float]) -> dict:
+    """Stage 2 without training: RUN's adapter becomes sum_i weights[i] * (source i's LoRA update), the sources
+    being finished stage-2 runs over the very same stitched model as RUN (checked byte for byte). Writes
+    RUN/finetune/adapter and RUN/finetune/result.json (objective 'mix', the sources and weights); returns it."""
+    run = RunDir(run_url)
+    if not run.exists(STITCHED_WEIGHTS):
+        raise ValueError(f"run: {run.url_of(STITCHED_WEIGHTS)} does not exist; make RUN with `linearize run CONFIG "
+                         "--run-dir RUN --stage1-from SOURCE --until stitch` first")
+    stitched = run.read_bytes(STITCHED_WEIGHTS)
+    adapters = []
+    for url in sources:
+        source = RunDir(url)
+        if not source.exists(f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"):
+            raise ValueError(f"--mix {url}: {source.url_of(ADAPTER_DIR)} holds no adapter; its stage 2 has not "
+                             "finished")
+        if source.read_bytes(STITCHED_WEIGHTS) != stitched:
+            raise ValueError(f"--mix {url}: its stitched state differs from {run.url_of(STITCHED_WEIGHTS)}; mix "
+                             "only adapters trained on the same stage-1 model (start RUN with --stage1-from)")
+        adapters.append({name: source.read_bytes(f"{ADAPTER_DIR}/{name}") for name in (ADAPTER_CONFIG,
+                                                                                        ADAPTER_WEIGHTS)})
+    for name, data in mix_adapters(adapters, weights).items():
+        run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
+    result = {"steps": 0, "objective": "mix", "sources": [RunDir(url).url for url in sources], "weights": weights,
+              "source_objectives": [RunDir(url).read_json(RESULT, default={}).get("objective") for url in sources]}
+    run.write_json(RESULT, result)
+    return result
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI: linearize finetune RUN
 
@@ -871,10 +911,24 @@ def add_arguments(parser) -> None:
                              "another count that divides the global batch")
     parser.add_argument("--cpu", action="store_true", help="train on CPU workers even if the cluster has GPUs")
     parser.add_argument("--max-restarts", type=int, default=2, help="restarts from the last checkpoint on failure")
+    parser.add_argument("--mix", nargs="+", metavar="SOURCE", default=None,
+                        help="train nothing: RUN's adapter becomes the weighted sum of these finished runs' LoRA "
+                             "updates (same stitched model as RUN)")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W", default=None,
+                        help="with --mix: one weight per source, e.g. 0.5 0.5")
 
 
 def main(args) -> int:
     run = RunDir(args.run)
+    if args.mix is not None or args.weights is not None:
+        if args.mix is None or args.weights is None or len(args.mix) != len(args.weights):
+            raise SystemExit(f"--mix and --weights: give one weight per source (got {len(args.mix or [])} sources "
+                             f"and {len(args.weights or [])} weights)")
+        result = write_mixed_adapter(args.run, args.mix, args.weights)
+        run.mark("finetune", "done")
+        print(f"finetune done: adapter in {run.url_of(ADAPTER_DIR)} = "
+              + " + ".join(f"{w:g} x {url}" for w, url in zip(args.weights, result["sources"])))
+        return 0
     run.mark("finetune", "running")
     result = run_finetune(args.run, num_workers=args.workers, use_gpu=False if args.cpu else None,
                           max_restarts=args.max_restarts)

@@ -15,6 +15,7 @@ from blocks.lora import (
     lora_parameters,
     lora_target_modules,
     merge_lora,
+    mix_adapters,
     teacher_view,
 )
 from tests.conftest import tiny_llama_config
@@ -124,6 +125,41 @@ def test_adapter_for_other_layers_is_rejected():
     files = adapter_files(peft_model, {n: p.detach() for n, p in lora_parameters(peft_model).items()})
     with pytest.raises(ValueError, match="same layers"):
         load_adapter_files(converted(layers=[0]), files)
+
+
+def _random_adapter(settings, seed):
+    peft_model = add_lora(converted(), settings)
+    randomize_lora(peft_model, seed=seed)
+    return adapter_files(peft_model, {n: p.detach().clone() for n, p in lora_parameters(peft_model).items()})
+
+
+def test_mixed_adapter_applies_the_weighted_sum_of_the_updates():
+    """Two adapters of different rank and scaling: the mix's merged q/k/v/o equal the base weights plus
+    0.3 x the first's update plus 0.7 x the second's, and so do its outputs."""
+    first, second = _random_adapter(LoraSettings(r=4, alpha=8), 2), _random_adapter(LoraSettings(r=2, alpha=7), 3)
+    mixed = mix_adapters([first, second], [0.3, 0.7])
+    merged = merge_lora(load_adapter_files(converted(), mixed)).eval()
+    expected = converted().eval()
+    with torch.no_grad():
+        for files, weight in ((first, 0.3), (second, 0.7)):
+            for name, param in merge_lora(load_adapter_files(converted(), files)).named_parameters():
+                if name.rpartition(".")[0].endswith(("q_proj", "k_proj", "v_proj", "o_proj")):
+                    base = expected.get_parameter(name)
+                    base += weight * (param - converted().get_parameter(name))
+        for name, param in expected.named_parameters():
+            torch.testing.assert_close(merged.get_parameter(name), param, rtol=0, atol=1e-6)
+        ids = tokens()
+        torch.testing.assert_close(merged(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mixing_adapters_of_other_layers_or_without_weights_is_rejected():
+    peft_model = add_lora(converted(layers=[0]))
+    other = adapter_files(peft_model, {n: p.detach() for n, p in lora_parameters(peft_model).items()})
+    adapter = _random_adapter(LoraSettings(r=4, alpha=8), 2)
+    with pytest.raises(ValueError, match="adapter 1 targets"):
+        mix_adapters([adapter, other], [0.5, 0.5])
+    with pytest.raises(ValueError, match="one weight for each"):
+        mix_adapters([adapter, adapter], [1.0])
 
 
 @pytest.mark.parametrize("kwargs, match", [({"r": 0}, "rank"), ({"dropout": 1.0}, "dropout")])

@@ -37,8 +37,11 @@ def test_every_shipped_run_config_loads():
     assert keep3.attention.keep_softmax == [18, 23, 24] and keep3.attention.window_size == 128
     distilled = configs["smollm2-quality-20m-window128-keep3-distill"]
     assert distilled.finetune.objective == "distill"
-    # The distilled run continues the next-token run's stage 1, so everything before stage 2 must be equal.
-    assert (distilled.attention, distilled.data, distilled.transfer) == (keep3.attention, keep3.data, keep3.transfer)
+    mixed = configs["smollm2-quality-20m-window128-keep3-mixed"]
+    assert (mixed.finetune.objective, mixed.finetune.distill_weight) == ("mixed", 0.5)
+    # The distilled and mixed runs continue the next-token run's stage 1, so everything before stage 2 must be equal.
+    for other in (distilled, mixed):
+        assert (other.attention, other.data, other.transfer) == (keep3.attention, keep3.data, keep3.transfer)
 
 
 def test_run_config_composes_presets_and_overrides(tmp_path):
@@ -62,7 +65,8 @@ BASE = {"model": "smollm2-135m", "recipe": "smoke"}
     ({"attention": {"window_kind": "global"}}, r"attention\.window_kind: 'global' is not one of"),
     ({"finetune": {"zero_stage": 1}}, r"finetune\.zero_stage: 1 is not supported; use 2 or 3"),
     ({"attention": {"feature_dtype": "bf16"}}, r"attention\.feature_dtype: 'bf16' is not one of \['float32', 'model'\]"),
-    ({"finetune": {"objective": "kd"}}, r"finetune\.objective: 'kd' is not one of \['next_token', 'distill'\]"),
+    ({"finetune": {"objective": "kd"}}, r"finetune\.objective: 'kd' is not one of \['next_token', 'distill', "),
+    ({"finetune": {"objective": "mixed", "distill_weight": 1.0}}, r"finetune\.distill_weight: 1\.0 is not strict"),
     ({"attention": {"layers": [0, 30]}}, r"attention\.layers: index 30 does not exist"),
     ({"attention": {"keep_softmax": [-31]}}, r"attention\.keep_softmax: index -31 does not exist"),
     ({"attention": {"layers": [3, -1], "keep_softmax": [29, 3]}}, r"attention\.keep_softmax: \[29, 3\] keeps every"),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
@@ -378,6 +380,66 @@ def test_distill_objective_under_zero3_pulls_the_model_toward_its_teacher(tmp_pa
     next_token_run, next_token = undisturbed[3]
     moved_away = _kl_to_teacher(next_token_run, next_token["final_weights"])
     assert after < 0.95 * before < moved_away, (before, after, moved_away)
+
+
+def test_mixed_objective_is_the_weighted_sum_and_stays_nearer_the_teacher(tmp_path_factory, model_dir, groups,
+                                                                         undisturbed):
+    """finetune.objective=mixed (one ZeRO-2 rank): the eval loss is (1 - w) * next-token CE + w * KL over the
+    positions that have a next token, it falls with training, and the KL term keeps the trained model nearer the
+    original than next-token training alone leaves it (same stitched model, rows and steps)."""
+    weight = 0.75
+    run_dir = tmp_path_factory.mktemp("mixed") / "run"
+    run = make_tiny_run(str(run_dir), model_dir, zero_stage=2, train_rows=TRAIN_ROWS,
+                        finetune=dict(FINETUNE, objective="mixed", distill_weight=weight))
+    result = run_finetune(run.url, workers=groups(2), max_restarts=0, return_weights=True)
+    assert result["objective"] == "mixed"
+    rows = finetune._read_rows(run, VALIDATION_DATA)
+    model = add_lora(load_stitched(run).model, LoraSettings(r=4, alpha=8)).eval()
+    with torch.no_grad():
+        with teacher_view(model):
+            teacher = model(input_ids=rows).logits
+        student = model(input_ids=rows).logits
+    cross_entropy = torch.nn.functional.cross_entropy(student[:, :-1].flatten(0, 1), rows[:, 1:].flatten())
+    kl = finetune.distillation_token_kl(student[:, :-1], teacher[:, :-1]).mean()
+    history = result["history"]
+    assert math.isclose(history[0]["eval_loss"], (1 - weight) * cross_entropy.item() + weight * kl.item(),
+                        rel_tol=1e-4)
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"] - 0.1
+    next_token_run, next_token = undisturbed[3]
+    assert _kl_to_teacher(run, result["final_weights"]) < _kl_to_teacher(next_token_run, next_token["final_weights"])
+
+
+def test_finetune_mix_writes_the_weighted_adapter_of_runs_on_the_same_stitched_model(tmp_path, undisturbed):
+    """`linearize finetune RUN --mix A B --weights 0.25 0.75` with A = B: the adapter reproduces A's best eval loss
+    (0.25 + 0.75 = 1) at twice A's rank; a source stitched differently is refused."""
+    import argparse
+    import shutil
+
+    from pipeline.rundir import RunDir
+
+    source, result = undisturbed[2]
+    run = RunDir(str(tmp_path / "mix"))
+    for rel in ("run.yaml", finetune.STITCHED_META, finetune.STITCHED_WEIGHTS):
+        run.write_bytes(rel, source.read_bytes(rel))
+    args = argparse.Namespace(run=run.url, mix=[source.url, source.url], weights=[0.25, 0.75])
+    assert finetune.main(args) == 0
+    assert run.is_done("finetune") and run.read_json(RESULT)["objective"] == "mix"
+    files = {name: run.read_bytes(f"{ADAPTER_DIR}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    model = load_adapter_files(load_stitched(run).model, files).eval()
+    rows = finetune._read_rows(source, VALIDATION_DATA)
+    with torch.no_grad():
+        loss = sum(model(input_ids=row[None], labels=row[None]).loss.item() for row in rows) / len(rows)
+    assert math.isclose(loss, result["best"]["loss"], rel_tol=1e-5)
+
+    other = RunDir(str(tmp_path / "other"))
+    shutil.copytree(source.root, other.root)
+    stitched = load_safetensors(other.read_bytes(finetune.STITCHED_WEIGHTS))
+    stitched = {name: tensor + 1.0 for name, tensor in stitched.items()}
+    other.write_bytes(finetune.STITCHED_WEIGHTS, save_safetensors(stitched))
+    with pytest.raises(ValueError, match="stitched state differs"):
+        finetune.write_mixed_adapter(run.url, [source.url, other.url], [0.5, 0.5])
+    with pytest.raises(SystemExit, match="one weight per source"):
+        finetune.main(argparse.Namespace(run=run.url, mix=[source.url], weights=None))
 
 
 @pytest.mark.parametrize("written, expected", [(None, "float32"), ("model", "model"), ("float32", "float32")])
