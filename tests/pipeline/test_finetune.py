@@ -94,17 +94,21 @@ def _check_trained(run, result, world_size):
     assert run.read_json(RESULT)["ranks"] == ranks
 
 
+def _adapter_validation_loss(run, rows_run) -> float:
+    """Next-token loss of run's stitched model + its adapter on rows_run's validation rows (as stage 2 evaluates)."""
+    files = {name: run.read_bytes(f"{ADAPTER_DIR}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    model = load_adapter_files(load_stitched(run).model, files).eval()
+    rows = finetune._read_rows(rows_run, VALIDATION_DATA)
+    with torch.no_grad():
+        return sum(model(input_ids=row[None], labels=row[None]).loss.item() for row in rows) / len(rows)
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_workers_train_equal_lora_and_best_adapter(undisturbed, zero_stage):
     run, result = undisturbed[zero_stage]
     _check_trained(run, result, world_size=2)
     # The adapter is the best-eval LoRA in PEFT format: the stitched model plus it reproduces that eval loss.
-    files = {name: run.read_bytes(f"{ADAPTER_DIR}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
-    model = load_adapter_files(load_stitched(run).model, files).eval()
-    rows = finetune._read_rows(run, VALIDATION_DATA)
-    with torch.no_grad():
-        loss = sum(model(input_ids=row[None], labels=row[None]).loss.item() for row in rows) / len(rows)
-    assert math.isclose(loss, result["best"]["loss"], rel_tol=1e-5)
+    assert math.isclose(_adapter_validation_loss(run, run), result["best"]["loss"], rel_tol=1e-5)
     assert result["best"]["loss"] == min(h["eval_loss"] for h in result["history"] if "eval_loss" in h)
 
 
@@ -424,12 +428,7 @@ def test_finetune_mix_writes_the_weighted_adapter_of_runs_on_the_same_stitched_m
     args = argparse.Namespace(run=run.url, mix=[source.url, source.url], weights=[0.25, 0.75])
     assert finetune.main(args) == 0
     assert run.is_done("finetune") and run.read_json(RESULT)["objective"] == "mix"
-    files = {name: run.read_bytes(f"{ADAPTER_DIR}/{name}") for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
-    model = load_adapter_files(load_stitched(run).model, files).eval()
-    rows = finetune._read_rows(source, VALIDATION_DATA)
-    with torch.no_grad():
-        loss = sum(model(input_ids=row[None], labels=row[None]).loss.item() for row in rows) / len(rows)
-    assert math.isclose(loss, result["best"]["loss"], rel_tol=1e-5)
+    assert math.isclose(_adapter_validation_loss(run, source), result["best"]["loss"], rel_tol=1e-5)
 
     other = RunDir(str(tmp_path / "other"))
     shutil.copytree(source.root, other.root)
