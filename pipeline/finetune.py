@@ -894,10 +894,23 @@ def write_mixed_adapter(run_url: str, sources: list[str], weights: list[float]) 
                                                                                         ADAPTER_WEIGHTS)})
     for name, data in mix_adapters(adapters, weights).items():
         run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
+    source_results = [RunDir(url).read_json(RESULT, default={}) for url in sources]
+    source_tokens = [_trained_tokens(r) for r in source_results]
+    # A blend costs every source's training, whatever its weight: its token budget is the sources' sum.
     result = {"steps": 0, "objective": "mix", "sources": [RunDir(url).url for url in sources], "weights": weights,
-              "source_objectives": [RunDir(url).read_json(RESULT, default={}).get("objective") for url in sources]}
+              "source_objectives": [r.get("objective") for r in source_results], "source_tokens": source_tokens,
+              "tokens": None if None in source_tokens else sum(source_tokens)}
     run.write_json(RESULT, result)
     return result
+
+
+def _trained_tokens(result: dict) -> int | None:
+    """Stage-2 tokens behind a finished run's adapter: the last training step's count, or for a mix the sum over
+    its sources; None when the result does not say (a run from before tokens were logged)."""
+    if result.get("objective") == "mix":
+        return result.get("tokens")
+    counts = [entry["tokens"] for entry in result.get("history", []) if "tokens" in entry]
+    return counts[-1] if counts else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -928,6 +941,9 @@ def main(args) -> int:
         run.mark("finetune", "done")
         print(f"finetune done: adapter in {run.url_of(ADAPTER_DIR)} = "
               + " + ".join(f"{w:g} x {url}" for w, url in zip(args.weights, result["sources"])))
+        if result["tokens"] is not None:
+            print(f"stage-2 tokens behind it: {result['tokens']:,} (every source's training counts, whatever its "
+                  "weight)")
         return 0
     run.mark("finetune", "running")
     result = run_finetune(args.run, num_workers=args.workers, use_gpu=False if args.cpu else None,

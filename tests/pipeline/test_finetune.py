@@ -427,7 +427,10 @@ def test_finetune_mix_writes_the_weighted_adapter_of_runs_on_the_same_stitched_m
         run.write_bytes(rel, source.read_bytes(rel))
     args = argparse.Namespace(run=run.url, mix=[source.url, source.url], weights=[0.25, 0.75])
     assert finetune.main(args) == 0
-    assert run.is_done("finetune") and run.read_json(RESULT)["objective"] == "mix"
+    mixed = run.read_json(RESULT)
+    assert run.is_done("finetune") and mixed["objective"] == "mix"
+    trained = [entry["tokens"] for entry in result["history"] if "tokens" in entry][-1]
+    assert mixed["source_tokens"] == [trained, trained] and mixed["tokens"] == 2 * trained > 0
     assert math.isclose(_adapter_validation_loss(run, source), result["best"]["loss"], rel_tol=1e-5)
 
     other = RunDir(str(tmp_path / "other"))
