@@ -375,6 +375,9 @@ class EvalConfig:
     """Gate: perplexity at positions 1024-2048 (the last bucket measured) <= this x the teacher's."""
     max_accuracy_drop: float = 1.0
     """Gate: mean zero-shot accuracy (points) at most this far below the teacher's."""
+    max_training_tokens: int | None = 40_000_000
+    """Gate: tokens of stage 1 + stage 2 behind the converted model at most this (LoLCATs' budget, 20M + 20M);
+    null = no limit. Checked where the results record them (a run's models, not an exported directory's)."""
 
     def __post_init__(self) -> None:
         if not self.stages or any(stage not in ("stage1", "stage2") for stage in self.stages):
@@ -397,6 +400,9 @@ class EvalConfig:
             raise ConfigError("eval: max_perplexity_ratio and max_late_perplexity_ratio must be >= 1 and "
                               f"max_accuracy_drop >= 0, got {self.max_perplexity_ratio}, "
                               f"{self.max_late_perplexity_ratio}, {self.max_accuracy_drop}")
+        if self.max_training_tokens is not None and self.max_training_tokens <= 0:
+            raise ConfigError(f"eval.max_training_tokens: must be positive or null (no limit), got "
+                              f"{self.max_training_tokens}")
 
 
 @dataclass(kw_only=True)

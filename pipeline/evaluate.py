@@ -184,6 +184,8 @@ class Candidate:
     model: torch.nn.Module
     generate: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
     hybrid: bool
+    training_tokens: dict[str, int | None] | None = None
+    """Tokens each training stage behind this model consumed ({"stage1": .., "stage2": ..}); None: not a run's."""
 
 
 def _greedy(model, pad_id: int, **cache_kwargs) -> Callable:
@@ -232,6 +234,8 @@ def _measure(candidate: Candidate, tokenizer, sequences: torch.Tensor, settings,
                                           num_trials=settings.passkey_trials, batch_size=settings.batch_size,
                                           device=device, generate_fn=candidate.generate,
                                           aligned=settings.passkey_aligned)
+    if candidate.training_tokens is not None:
+        out["training_tokens"] = candidate.training_tokens
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -274,6 +278,11 @@ def gate(results: dict, settings, model: str | None = None) -> dict:
         late = final["held_out"]["by_position"][last] / teacher["held_out"]["by_position"][last]
         check(f"perplexity {last} / teacher", round(late, 4), settings.max_late_perplexity_ratio,
               late <= settings.max_late_perplexity_ratio)
+    spent = list((final.get("training_tokens") or {}).values())
+    if settings.max_training_tokens is not None and spent and None not in spent:
+        # A blend of adapters (finetune --mix) counts every source's training, so it can spend more than one run.
+        check("training tokens (stage 1 + stage 2)", sum(spent), settings.max_training_tokens,
+              sum(spent) <= settings.max_training_tokens)
     final_acc, teacher_acc = _zero_shot_mean(final), _zero_shot_mean(teacher)
     if final_acc is not None and teacher_acc is not None:
         drop = 100 * (teacher_acc - final_acc)
@@ -421,22 +430,29 @@ def _run_candidates(run, settings, device, dtype, pad_id):
     from blocks.hybrid_attention import HybridCache
 
     from .export import merge_run_adapter
-    from .finetune import load_stitched
+    from .finetune import RESULT, load_stitched, trained_tokens
 
     config = read_run_config(run)
     if settings.baselines:
         yield from _baselines(config.model, settings, device, dtype, pad_id)
     stitched = load_stitched(run, dtype=dtype, device=device)
     model = stitched.model.eval()
+    # plan.json's workload is what stage 1 trained on (a --stage1-from run carries its source's plan).
+    workload = run.read_json(run.plan_json, default={}).get("workload") or {}
+    stage1_tokens = (round(workload["tokens"] * workload.get("epochs", 1.0)) if workload.get("tokens") is not None
+                     else None)
     if "stage1" in settings.stages:
-        yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
+        yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True,
+                        training_tokens={"stage1": stage1_tokens})
     merged = merge_run_adapter(run, model) if "stage2" in settings.stages else None
     if merged is None and "stage1" not in settings.stages:
         raise ValueError(f"eval.stages: ['stage2'], but {run.url_of('finetune')} holds no LoRA adapter (stage 2 has "
                          "not run); measure stage1")
     if merged is not None:
         model = merged.to(device=device, dtype=dtype).eval()
-        yield Candidate("stage2", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True)
+        stage2_tokens = trained_tokens(run.read_json(RESULT, default={}))
+        yield Candidate("stage2", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True,
+                        training_tokens={"stage1": stage1_tokens, "stage2": stage2_tokens})
 
 
 def _export_candidates(path: Path, settings, device, dtype, pad_id):

@@ -895,7 +895,7 @@ def write_mixed_adapter(run_url: str, sources: list[str], weights: list[float]) 
     for name, data in mix_adapters(adapters, weights).items():
         run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
     source_results = [RunDir(url).read_json(RESULT, default={}) for url in sources]
-    source_tokens = [_trained_tokens(r) for r in source_results]
+    source_tokens = [trained_tokens(r) for r in source_results]
     # A blend costs every source's training, whatever its weight: its token budget is the sources' sum.
     result = {"steps": 0, "objective": "mix", "sources": [RunDir(url).url for url in sources], "weights": weights,
               "source_objectives": [r.get("objective") for r in source_results], "source_tokens": source_tokens,
@@ -904,7 +904,7 @@ def write_mixed_adapter(run_url: str, sources: list[str], weights: list[float]) 
     return result
 
 
-def _trained_tokens(result: dict) -> int | None:
+def trained_tokens(result: dict) -> int | None:
     """Stage-2 tokens behind a finished run's adapter: the last training step's count, or for a mix the sum over
     its sources; None when the result does not say (a run from before tokens were logged)."""
     if result.get("objective") == "mix":

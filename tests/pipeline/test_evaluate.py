@@ -17,8 +17,10 @@ from tests.conftest import tiny_llama_config
 from tests.pipeline.tiny_run import make_model_dir, make_tiny_run
 
 
-def model_result(ppl, buckets, acc=None, passkey=None, hybrid=False):
+def model_result(ppl, buckets, acc=None, passkey=None, hybrid=False, tokens=None):
     out = {"held_out": {"perplexity": ppl, "by_position": buckets}, "hybrid": hybrid}
+    if tokens is not None:
+        out["training_tokens"] = tokens
     if acc is not None:
         out["zero_shot"] = {"piqa": {"value": acc}, "average": {"avg5": acc}}
     if passkey is not None:
@@ -30,11 +32,21 @@ def test_gate_passes_a_model_close_to_the_teacher_and_better_than_swa():
     results = {"models": {
         "teacher": model_result(10.0, {"0-64": 20.0, "1024-2048": 8.0}, acc=0.70, passkey=1.0),
         "swa64+4sinks": model_result(12.0, {"0-64": 20.0, "1024-2048": 10.0}, acc=0.66, passkey=0.2),
-        "stage2": model_result(10.3, {"0-64": 20.0, "1024-2048": 8.5}, acc=0.695, passkey=0.4, hybrid=True)}}
+        "stage2": model_result(10.3, {"0-64": 20.0, "1024-2048": 8.5}, acc=0.695, passkey=0.4, hybrid=True,
+                               tokens={"stage1": 20_000_000, "stage2": 20_000_000})}}
     verdict = gate(results, EvalConfig())
     assert verdict["model"] == "stage2" and verdict["passed"], verdict
     names = [c["check"] for c in verdict["checks"]]
     assert "perplexity / teacher" in names and "perplexity 1024-2048 / teacher" in names
+    assert "training tokens (stage 1 + stage 2)" in names
+    # Results that do not record the tokens (older ones, an exported directory) skip that check, as does no limit.
+    for tokens, limit in (({"stage1": 20_000_000, "stage2": None}, 40_000_000), (None, 40_000_000),
+                          ({"stage1": 1, "stage2": 1}, None)):
+        results["models"]["stage2"].pop("training_tokens", None)
+        if tokens is not None:
+            results["models"]["stage2"]["training_tokens"] = tokens
+        names = [c["check"] for c in gate(results, EvalConfig(max_training_tokens=limit))["checks"]]
+        assert "training tokens (stage 1 + stage 2)" not in names
     assert "piqa >= SWA+sinks" in names and "passkey 512 >= SWA+sinks" in names
 
 
@@ -43,10 +55,12 @@ def test_gate_passes_a_model_close_to_the_teacher_and_better_than_swa():
     ({"late": 8.7}, "perplexity 1024-2048 / teacher"),            # 1.0875x at the last bucket
     ({"acc": 0.685}, "zero-shot mean: points below teacher"),     # 1.5 points below
     ({"passkey": 0.1}, "passkey 512 >= SWA+sinks"),
+    ({"stage2": 40_000_000}, "training tokens (stage 1 + stage 2)"),  # a blend of two 20M stage 2s: 60M
 ])
 def test_gate_names_the_failing_check(change, failing):
     final = model_result(change.get("ppl", 10.3), {"0-64": 20.0, "1024-2048": change.get("late", 8.5)},
-                         acc=change.get("acc", 0.695), passkey=change.get("passkey", 0.4), hybrid=True)
+                         acc=change.get("acc", 0.695), passkey=change.get("passkey", 0.4), hybrid=True,
+                         tokens={"stage1": 20_000_000, "stage2": change.get("stage2", 20_000_000)})
     results = {"models": {
         "teacher": model_result(10.0, {"0-64": 20.0, "1024-2048": 8.0}, acc=0.70, passkey=1.0),
         "swa64+4sinks": model_result(12.0, {"0-64": 20.0, "1024-2048": 10.0}, acc=0.66, passkey=0.2),
@@ -90,6 +104,8 @@ def test_eval_config_errors_name_the_key():
         EvalConfig(passkey_lengths=[32])
     with pytest.raises(ConfigError, match="eval.mmlu_limit"):
         EvalConfig(mmlu_limit=0)
+    with pytest.raises(ConfigError, match="eval.max_training_tokens: must be positive or null"):
+        EvalConfig(max_training_tokens=0)
 
 
 def converted_tiny_model(gamma: float):
@@ -156,6 +172,9 @@ def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
     assert swa["by_position"]["0-64"] == pytest.approx(teacher["by_position"]["0-64"], rel=1e-5)
     assert swa["by_position"]["64-128"] != pytest.approx(teacher["by_position"]["64-128"], rel=1e-3)
     assert set(results["models"]["stage1"]["linear_mass"]) == {"0", "1"}
+    # This tiny run has no plan.json, so stage 1's tokens are unknown (and the gate skips the budget check).
+    assert results["models"]["stage1"]["training_tokens"] == {"stage1": None}
+    assert "training_tokens" not in results["models"]["teacher"]
     # The attention path each model ran: the converted layers' torch path on CPU; nothing for the baselines.
     assert [results["models"][k]["hybrid_paths"] for k in results["models"]] == [[], [], ["blocked"]]
     assert results["gate"]["model"] == "stage1" and results["gate"]["checks"] and results["gate"]["passed"] is False
@@ -163,6 +182,20 @@ def test_evaluate_a_run_directory_end_to_end(tiny_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "gate for stage1" in printed and "swa64+4sinks" in printed
     assert report(results).splitlines()[0].split()[:3] == ["model", "ppl", "x"]
+
+
+def test_a_run_records_the_tokens_its_stage_1_trained_on(tiny_run, tmp_path):
+    """From the plan's workload (tokens x epochs): what the gate's training-token budget counts."""
+    import shutil
+
+    run = RunDir(str(tmp_path / "run"))
+    shutil.copytree(tiny_run.root, run.root)
+    run.write_json(run.plan_json, {"workload": {"tokens": 1000, "epochs": 1.5}})
+    code = eval_main(eval_args(run.url, "--no-baselines", "--out", str(tmp_path / "out"), "--seq-len", "40",
+                               "--sequences", "1", "--tasks", "none", "--passkey-lengths", "none", "--device", "cpu"))
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["models"]["stage1"]["training_tokens"] == {"stage1": 1500}
 
 
 def test_strict_exit_status_and_the_pipeline_stage(tiny_run, tmp_path):
