@@ -894,12 +894,15 @@ def write_mixed_adapter(run_url: str, sources: list[str], weights: list[float]) 
                                                                                         ADAPTER_WEIGHTS)})
     for name, data in mix_adapters(adapters, weights).items():
         run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
-    source_results = [RunDir(url).read_json(RESULT, default={}) for url in sources]
+    urls = [RunDir(url).url for url in sources]
+    source_results = [RunDir(url).read_json(RESULT, default={}) for url in urls]
     source_tokens = [trained_tokens(r) for r in source_results]
-    # A blend costs every source's training, whatever its weight: its token budget is the sources' sum.
-    result = {"steps": 0, "objective": "mix", "sources": [RunDir(url).url for url in sources], "weights": weights,
+    # A blend costs every source's training, whatever its weight: its token budget is the sum over the distinct
+    # sources (a run named twice trained once).
+    distinct = dict(zip(urls, source_tokens))
+    result = {"steps": 0, "objective": "mix", "sources": urls, "weights": weights,
               "source_objectives": [r.get("objective") for r in source_results], "source_tokens": source_tokens,
-              "tokens": None if None in source_tokens else sum(source_tokens)}
+              "tokens": None if None in source_tokens else sum(distinct.values())}
     run.write_json(RESULT, result)
     return result
 

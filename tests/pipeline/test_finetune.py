@@ -430,8 +430,13 @@ def test_finetune_mix_writes_the_weighted_adapter_of_runs_on_the_same_stitched_m
     mixed = run.read_json(RESULT)
     assert run.is_done("finetune") and mixed["objective"] == "mix"
     trained = [entry["tokens"] for entry in result["history"] if "tokens" in entry][-1]
-    assert mixed["source_tokens"] == [trained, trained] and mixed["tokens"] == 2 * trained > 0
+    # The blend's budget: the same run named twice trained once.
+    assert mixed["source_tokens"] == [trained, trained] and mixed["tokens"] == trained > 0
     assert math.isclose(_adapter_validation_loss(run, source), result["best"]["loss"], rel_tol=1e-5)
+
+    twin = RunDir(str(tmp_path / "twin"))  # another run of the same training: two runs' tokens
+    shutil.copytree(source.root, twin.root)
+    assert finetune.write_mixed_adapter(run.url, [source.url, twin.url], [0.5, 0.5])["tokens"] == 2 * trained
 
     other = RunDir(str(tmp_path / "other"))
     shutil.copytree(source.root, other.root)
