@@ -21,7 +21,6 @@ COMBINED = HERE.parent / "eval_combined_s15_fullsets.json"
 BLEND = {"w128-keep3-20M-distill stage2": 0.0, "blend-ce25 stage2": 0.25, "blend-ce50 stage2": 0.5,
          "w128-keep3-20M stage2": 1.0}
 TASKS = ["arc_challenge", "hellaswag", "piqa", "arc_easy", "winogrande", "mmlu"]
-LIMITS = {"overall": 1.05, "1024-2048": 1.08}
 
 
 def curve(results: dict) -> list[dict]:
@@ -39,10 +38,16 @@ def curve(results: dict) -> list[dict]:
     return points
 
 
-def plot(points: list[dict], path: Path) -> None:
+def gate_limits(results: dict) -> dict[str, float]:
+    """The perplexity limits the combined results' gate used (eval.max_perplexity_ratio and the late one)."""
+    settings = results["settings"]
+    return {"overall": settings["max_perplexity_ratio"], "1024-2048": settings["max_late_perplexity_ratio"]}
+
+
+def plot(points: list[dict], limits: dict[str, float], path: Path) -> None:
     shares = [p["next_token_share"] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, limit in LIMITS.items():
+    for key, limit in limits.items():
         line = left.plot(shares, [p["perplexity_over_teacher"][key] for p in points], "o-", label=f"{key} positions")
         left.axhline(limit, ls="--", color=line[0].get_color(), lw=1, label=f"gate limit {limit}")
     left.set(xlabel="next-token share of the LoRA update", ylabel="perplexity / teacher's",
@@ -61,11 +66,12 @@ def plot(points: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    points = curve(json.loads(COMBINED.read_text()))
-    out = {"source": str(COMBINED.relative_to(HERE.parents[3])), "device": "NVIDIA H100 80GB HBM3, bf16",
+    results = json.loads(COMBINED.read_text())
+    points = curve(results)
+    out = {"source": str(COMBINED.relative_to(HERE.parents[3])), "device": f"{results['device']}, {results['dtype']}",
            "points": points}
     (HERE / "blend_curve.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(points, HERE / "blend_curve.png")
+    plot(points, gate_limits(results), HERE / "blend_curve.png")
     print(f"{'share':>6} {'ppl x':>7} {'1024-2048 x':>12} " + " ".join(f"{t[:9]:>15}" for t in TASKS))
     for p in points:
         paired = [p["paired_vs_swa"][t] for t in TASKS]
