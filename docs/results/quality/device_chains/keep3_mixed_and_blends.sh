@@ -3,8 +3,8 @@
 #   blends: no training; the 50/50 and 25/75 blends (next-token share first) of session 13's next-token and distilled
 #           adapters (linearize finetune --mix), both full-set evaluations side by side (~9 min). Ran in session 15.
 #   mixed:  stage 2 on the mixed objective (configs/runs/smollm2-quality-20m-window128-keep3-mixed.yaml,
-#           0.5 CE + 0.5 KL), then its full-set evaluation (~9 + 7 min). Not run yet: session 15's first machine was
-#           taken back mid-training.
+#           0.5 CE + 0.5 KL), then its full-set evaluation (~10 + 7 min). Ran in session 16 (session 15's first
+#           machine was taken back mid-training).
 # The candidates (mixed at w = 0.5, the 50/50 blend) were fixed before session 14's CPU screen of the blends on ARC-c
 # (docs/results.md section 7) measured any of them; the 25/75 blend was picked after that screen.
 # Baselines are not rerun: they reproduced bit for bit in both session-13 leases and session 10 (committed JSON).
