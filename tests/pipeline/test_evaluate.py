@@ -198,6 +198,49 @@ def test_a_run_records_the_tokens_its_stage_1_trained_on(tiny_run, tmp_path):
     assert results["models"]["stage1"]["training_tokens"] == {"stage1": 1500}
 
 
+def test_a_run_with_a_stage_2_adapter_is_measured_merged_and_counts_both_stages_tokens(tiny_run, tmp_path):
+    """stage2 is the stitched model with finetune/adapter merged (the same perplexity as merging it here), and
+    carries stage 1's tokens (plan.json) and stage 2's (finetune/result.json), which the gate sums against
+    eval.max_training_tokens."""
+    import shutil
+
+    from blocks.lora import adapter_files, add_lora, load_adapter_files, lora_parameters, merge_lora
+    from pipeline.evaluate import _held_out
+    from pipeline.export import read_adapter
+    from pipeline.finetune import ADAPTER_DIR, RESULT, load_stitched
+    from pipeline.models import load_tokenizer
+    from pipeline.stages import read_run_config
+
+    run = RunDir(str(tmp_path / "run"))
+    shutil.copytree(tiny_run.root, run.root)
+    peft_model = add_lora(load_stitched(run).model)
+    generator = torch.Generator().manual_seed(5)
+    weights = {n: 0.2 * torch.randn(p.shape, generator=generator) for n, p in lora_parameters(peft_model).items()}
+    for name, data in adapter_files(peft_model, weights).items():
+        run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
+    run.write_json(run.plan_json, {"workload": {"tokens": 1000, "epochs": 1.0}})
+    run.write_json(RESULT, {"objective": "next_token", "history": [{"step": 0, "eval_loss": 4.0},
+                                                                    {"step": 1, "tokens": 256},
+                                                                    {"step": 2, "tokens": 512}]})
+
+    settings = EvalConfig(tasks=[], passkey_lengths=[], stages=["stage1", "stage2"], max_training_tokens=1500)
+    results = evaluate(run.url, settings, seq_len=40, num_sequences=2, device="cpu")
+    assert list(results["models"]) == ["teacher", "swa64+4sinks", "stage1", "stage2"]
+    stage1, stage2 = results["models"]["stage1"], results["models"]["stage2"]
+    assert stage1["training_tokens"] == {"stage1": 1000}
+    assert stage2["training_tokens"] == {"stage1": 1000, "stage2": 512}
+
+    merged = merge_lora(load_adapter_files(load_stitched(run).model, read_adapter(run))).eval()
+    sequences = _held_out(load_tokenizer(read_run_config(run).model), 128, 40, 2, seed=0)
+    expected = perplexity(merged, sequences).perplexity
+    assert stage2["held_out"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert stage2["held_out"]["perplexity"] != pytest.approx(stage1["held_out"]["perplexity"], rel=1e-3)
+
+    budget = next(c for c in results["gate"]["checks"] if c["check"].startswith("training tokens"))
+    assert results["gate"]["model"] == "stage2"
+    assert (budget["value"], budget["limit"], budget["passed"]) == (1512, 1500, False)
+
+
 def test_strict_exit_status_and_the_pipeline_stage(tiny_run, tmp_path):
     """--strict exits 1 when the gate fails (the tiny stitched model is far from its teacher); the pipeline's
     eval stage measures with the run's own eval settings and writes RUN/eval/."""
