@@ -14,7 +14,7 @@ from pipeline.evaluate import (add_arguments, combine, combine_main, evaluate, e
                                linear_mass_by_layer, main as eval_main, perplexity, report)
 from pipeline.rundir import RunDir
 from tests.conftest import tiny_llama_config
-from tests.pipeline.tiny_run import make_model_dir, make_tiny_run
+from tests.pipeline.tiny_run import make_model_dir, make_tiny_run, write_random_adapter
 
 
 def model_result(ppl, buckets, acc=None, passkey=None, hybrid=False, tokens=None):
@@ -204,20 +204,16 @@ def test_a_run_with_a_stage_2_adapter_is_measured_merged_and_counts_both_stages_
     eval.max_training_tokens."""
     import shutil
 
-    from blocks.lora import adapter_files, add_lora, load_adapter_files, lora_parameters, merge_lora
+    from blocks.lora import load_adapter_files, merge_lora
     from pipeline.evaluate import _held_out
     from pipeline.export import read_adapter
-    from pipeline.finetune import ADAPTER_DIR, RESULT, load_stitched
+    from pipeline.finetune import RESULT, load_stitched
     from pipeline.models import load_tokenizer
     from pipeline.stages import read_run_config
 
     run = RunDir(str(tmp_path / "run"))
     shutil.copytree(tiny_run.root, run.root)
-    peft_model = add_lora(load_stitched(run).model)
-    generator = torch.Generator().manual_seed(5)
-    weights = {n: 0.2 * torch.randn(p.shape, generator=generator) for n, p in lora_parameters(peft_model).items()}
-    for name, data in adapter_files(peft_model, weights).items():
-        run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
+    write_random_adapter(run)
     run.write_json(run.plan_json, {"workload": {"tokens": 1000, "epochs": 1.0}})
     run.write_json(RESULT, {"objective": "next_token", "history": [{"step": 0, "eval_loss": 4.0},
                                                                     {"step": 1, "tokens": 256},

@@ -22,18 +22,12 @@ import pytest
 import torch
 
 from blocks.hybrid_attention import HybridCache
-from blocks.lora import (
-    adapter_files,
-    add_lora,
-    load_adapter_files,
-    lora_parameters,
-    merge_lora,
-)
+from blocks.lora import load_adapter_files, merge_lora
 from pipeline import export as export_module
 from pipeline import generate as generate_module
 from pipeline.export import export_run, read_adapter
-from pipeline.finetune import ADAPTER_DIR, load_stitched
-from tests.pipeline.tiny_run import make_model_dir, make_tiny_run
+from pipeline.finetune import load_stitched
+from tests.pipeline.tiny_run import make_model_dir, make_tiny_run, write_random_adapter
 
 PROMPTS = [[5, 9, 17, 33, 40], [7, 8, 9, 10, 11, 12, 13, 40, 41, 42, 43, 44, 45], list(range(20, 41))]
 NEW_TOKENS = 20
@@ -44,11 +38,7 @@ def tiny_run(tmp_path_factory):
     """A run with stitched/ and a (random, non-zero) stage-2 adapter in finetune/adapter/."""
     base = tmp_path_factory.mktemp("export")
     run = make_tiny_run(str(base / "run"), make_model_dir(base / "model"))
-    peft_model = add_lora(load_stitched(run).model)
-    generator = torch.Generator().manual_seed(5)
-    weights = {n: 0.2 * torch.randn(p.shape, generator=generator) for n, p in lora_parameters(peft_model).items()}
-    for name, data in adapter_files(peft_model, weights).items():
-        run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
+    write_random_adapter(run)
     return run
 
 

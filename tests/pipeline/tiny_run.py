@@ -85,3 +85,16 @@ def make_tiny_run(run_dir: str, model_dir: Path, *, zero_stage: int = 2, train_r
     run.write_json(STITCHED_META, {"model": model_cfg, "attention": ATTENTION, "base_model_sha256": None})
     write_finetune_data(run, structured_rows(train_rows, seed=2), structured_rows(4, seed=3))
     return run
+
+
+def write_random_adapter(run: RunDir, seed: int = 5) -> None:
+    """A stage-2 adapter in finetune/adapter/ with random, non-zero LoRA weights (A and B), as finetune would save
+    one: the merged model then differs from the stitched one."""
+    from blocks.lora import adapter_files, add_lora, lora_parameters
+    from pipeline.finetune import ADAPTER_DIR, load_stitched
+
+    peft_model = add_lora(load_stitched(run).model)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {n: 0.2 * torch.randn(p.shape, generator=generator) for n, p in lora_parameters(peft_model).items()}
+    for name, data in adapter_files(peft_model, weights).items():
+        run.write_bytes(f"{ADAPTER_DIR}/{name}", data)
