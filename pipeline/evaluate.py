@@ -426,6 +426,12 @@ def _baselines(model_cfg, settings, device, dtype, pad_id):
     restore_attention(model)
 
 
+def stage1_tokens_of_plan(plan: dict) -> int | None:
+    """Stage 1's training tokens as the planner counted them in plan.json (tokens x epochs); None without a plan."""
+    tokens = ((plan.get("cost") or {}).get("stage 1") or {}).get("tokens")
+    return None if tokens is None else round(tokens)
+
+
 def _run_candidates(run, settings, device, dtype, pad_id):
     from blocks.hybrid_attention import HybridCache
 
@@ -437,10 +443,8 @@ def _run_candidates(run, settings, device, dtype, pad_id):
         yield from _baselines(config.model, settings, device, dtype, pad_id)
     stitched = load_stitched(run, dtype=dtype, device=device)
     model = stitched.model.eval()
-    # plan.json's workload is what stage 1 trained on (a --stage1-from run carries its source's plan).
-    workload = run.read_json(run.plan_json, default={}).get("workload") or {}
-    stage1_tokens = (round(workload["tokens"] * workload.get("epochs", 1.0)) if workload.get("tokens") is not None
-                     else None)
+    # The planner's count of what stage 1 trained on (a --stage1-from run carries its source's plan.json).
+    stage1_tokens = stage1_tokens_of_plan(run.read_json(run.plan_json, default={}))
     if "stage1" in settings.stages:
         yield Candidate("stage1", model, _greedy(model, pad_id, past_key_values=HybridCache), hybrid=True,
                         training_tokens={"stage1": stage1_tokens})

@@ -90,6 +90,9 @@ def test_405b_cost_in_gpu_hours_beside_the_paper(gpus, capsys):
     assert stage1["gpus"] == gpus and stage1["gpu_hours"] == pytest.approx(wall_s / 3600 * gpus, rel=1e-3)
     assert stage1["paper"] == {"wall_h": 5.0, "gpus": 14, "gpu_hours": 70.0}
     assert stage2["paper"] == {"wall_h": 16.0, "gpus": 24, "gpu_hours": 384.0}
+    # The eval gate's token budget reads stage 1's count from this plan.
+    from pipeline.evaluate import stage1_tokens_of_plan
+    assert stage1["tokens"] == 20_000_000 and stage1_tokens_of_plan(result) == 20_000_000
     # Without gradient checkpointing a 405B rank would hold ~450 GB of activations, so stage 2 recomputes: 6 FLOPs
     # per matmul weight (405B layers + LM head) x 20M tokens at the preset's layer rate times its measured stage-2
     # efficiency with model-dtype features (the default); h100 has no start-up constant, so the GPU-hours do not

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.config import EvalConfig  # noqa: E402
-from pipeline.evaluate import combine, gate  # noqa: E402
+from pipeline.evaluate import combine, gate, stage1_tokens_of_plan  # noqa: E402
 from pipeline.finetune import trained_tokens  # noqa: E402
 from pipeline.zero_shot import paired_difference  # noqa: E402
 
@@ -38,9 +38,9 @@ CANDIDATES = {
 
 
 def training_tokens(stage2_runs: list[Path]) -> dict[str, int]:
-    workload = json.loads((NEXT_TOKEN_RUN / "plan.json").read_text())["workload"]
+    stage1 = stage1_tokens_of_plan(json.loads((NEXT_TOKEN_RUN / "plan.json").read_text()))
     stage2 = [trained_tokens(json.loads((run / "finetune_result.json").read_text())) for run in stage2_runs]
-    return {"stage1": round(workload["tokens"] * workload["epochs"]), "stage2": sum(stage2)}
+    return {"stage1": stage1, "stage2": sum(stage2)}
 
 
 def judged() -> tuple[dict, list[dict]]:
